@@ -1,0 +1,225 @@
+"""Hugging Face checkpoints <-> herd models.
+
+Loading builds the model on the meta device and fills it tensor by tensor from memory-mapped safetensors,
+straight into the target dtype/device, so a checkpoint never needs twice its size in RAM. Saving writes the
+HF layout (config.json + sharded safetensors + index) that transformers' ``from_pretrained`` reads, into a
+temporary directory renamed into place at the end: an interrupted save leaves no half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from herd.config import load_config, save_config
+from herd.errors import CheckpointError
+from herd.model import Transformer
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# The one key map. herd's module names equal HF's below these prefixes; the text decoder sits under
+# "model." in Llama4ForCausalLM and under "language_model.model." in Llama4ForConditionalGeneration.
+_TEXT_PREFIXES = ("language_model.model.", "model.")
+_HEAD_PREFIXES = ("language_model.", "")
+# Tensors of the vision tower: carried by multimodal checkpoints, used once herd has the vision model.
+_VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}") from None
+
+
+def hf_to_herd(name: str) -> str | None:
+    """HF tensor name -> herd parameter name (None: not part of the text model)."""
+    for head in _HEAD_PREFIXES:
+        if name == head + "lm_head.weight":
+            return "lm_head.weight"
+    for prefix in _TEXT_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return None
+
+
+def herd_to_hf(name: str, multimodal: bool = False) -> str:
+    prefix = "language_model." if multimodal else ""
+    return prefix + (name if name == "lm_head.weight" else "model." + name)
+
+
+# -- reading ----------------------------------------------------------------------------------------------------
+def checkpoint_files(directory: Path) -> dict[str, Path]:
+    """tensor name -> file, from the index when sharded."""
+    index = directory / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {name: directory / file for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.exists():
+                raise CheckpointError(f"{index} lists {file.name}, which does not exist")
+        return files
+    single = directory / SINGLE_FILE
+    if not single.exists():
+        raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
+    with _open(single) as f:
+        return {name: single for name in f.keys()}
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read ({e})") from None
+
+
+def load_state_dict(directory: str | Path) -> Iterator[tuple[str, str, Path, torch.Tensor]]:
+    """Yield (HF name, herd name or None, file, tensor) one tensor at a time, file by file."""
+    directory = Path(directory)
+    files = checkpoint_files(directory)
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with _open(file) as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"tensor {name} is listed for {file.name} but not stored in it")
+                try:
+                    tensor = f.get_tensor(name)
+                except SafetensorError as e:
+                    raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
+                yield name, hf_to_herd(name), file, tensor
+
+
+def load(directory: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+         progress: bool | None = None, strict_config: bool = True) -> Transformer:
+    """Load an HF Llama 4 model directory (config.json + single or sharded safetensors) into a herd Transformer.
+
+    dtype: target dtype of floating tensors (None: as stored). Tensors of the vision tower are skipped until
+    herd's vision model exists; any other unknown, missing or mis-shaped tensor is an error naming it."""
+    directory = Path(directory)
+    cfg = load_config(directory, strict=strict_config)
+    dtype, device = parse_dtype(dtype), torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = dict(model.named_parameters())
+    loaded: set[str] = set()
+    files = checkpoint_files(directory)
+    show = progress if progress is not None else len(files) > 200
+    for hf_name, name, file, tensor in tqdm(load_state_dict(directory), total=len(files), disable=not show,
+                                            desc=f"loading {directory.name}", unit="tensor"):
+        if name is None:
+            if hf_name.startswith(_VISION_PREFIXES) and cfg.vision is not None:
+                continue
+            raise CheckpointError(f"unexpected tensor {hf_name} in {file}: not part of a Llama 4 text model")
+        if name not in expected:
+            raise CheckpointError(f"unexpected tensor {hf_name} in {file} (config.json has no such parameter)")
+        param = expected[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(f"tensor {hf_name} in {file} has shape {tuple(tensor.shape)}, "
+                                  f"the config expects {tuple(param.shape)}")
+        target = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
+        _assign(model, name, tensor.to(device=device, dtype=target))
+        loaded.add(name)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+        loaded.add("lm_head.weight")
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{directory}: missing tensor(s) {', '.join(herd_to_hf(m) for m in missing[:3])}{more}")
+    return model
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
+
+
+# -- writing ----------------------------------------------------------------------------------------------------
+def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2**30,
+         dtype: str | torch.dtype | None = None) -> Path:
+    """Write ``model`` as an HF ``Llama4ForCausalLM`` directory (config.json, safetensors shards, index).
+
+    The directory is built next to the target and renamed into place, replacing an older one only at the end."""
+    directory = Path(directory)
+    dtype = parse_dtype(dtype)
+    tensors = {}
+    for name, p in model.named_parameters():  # named_parameters skips the tied lm_head, as HF expects
+        t = p.detach()
+        tensors[herd_to_hf(name)] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    shards = _shard(tensors, max_shard_bytes)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_config(model.cfg, tmp, text_only=True)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards):
+                file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / file), metadata={"format": "pt"})
+                weight_map |= {name: file for name in shard}
+                total += sum(t.numel() * t.element_size() for t in shard.values())
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2))
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    """Put the finished ``tmp`` at ``directory``. An older checkpoint there is swapped out whole; its other files
+    (tokenizer, README...) are carried over."""
+    if not directory.exists():
+        os.replace(tmp, directory)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+    os.replace(directory, aside / "old")
+    os.replace(tmp, directory)
+    for old in (aside / "old").iterdir():
+        if not (directory / old.name).exists() and not old.name.endswith(".safetensors") and old.name != INDEX_FILE:
+            os.replace(old, directory / old.name)
+    shutil.rmtree(aside)
+
+
+__all__ = ["load", "save", "load_state_dict", "hf_to_herd", "herd_to_hf", "parse_dtype"]

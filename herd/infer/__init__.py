@@ -1,0 +1,1 @@
+"""Inference: KV caches, sampling, generation."""

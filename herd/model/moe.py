@@ -1,0 +1,81 @@
+"""Mixture of experts: sigmoid top-k router, routed SwiGLU experts with sparse dispatch, shared expert.
+
+Llama 4 semantics (both references): the router's sigmoid score scales each expert's *input*, and a shared
+expert sees every token. The references run every expert on every token with a zero score for the unselected
+ones; here tokens are sorted by expert and each expert multiplies only its own rows (a grouped matmul), so the
+cost follows the active parameters.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.config import ModelConfig
+from herd.model.ffn import FeedForward
+
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def grouped_mm(x_ND: torch.Tensor, w_EKM: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Rows x[offsets[e-1]:offsets[e]] multiply w[e]. x [N, K] sorted by expert, w [E, K, M] -> [N, M]."""
+    if _HAS_GROUPED_MM and x_ND.dtype == w_EKM.dtype and x_ND.device.type in ("cpu", "cuda"):
+        return torch._grouped_mm(x_ND, w_EKM, offs=offsets_E)
+    out, start = x_ND.new_empty(x_ND.shape[0], w_EKM.shape[-1]), 0
+    for e, end in enumerate(offsets_E.tolist()):
+        if end > start:
+            out[start:end] = x_ND[start:end] @ w_EKM[e]
+        start = end
+    return out
+
+
+class Router(nn.Module):
+    """Linear D -> E; top-k on the logits; sigmoid of each chosen logit is its score."""
+
+    def __init__(self, dim: int, n_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.empty(n_experts, dim))
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits_TE = F.linear(x_TD, self.weight)
+        top_logits_TK, experts_TK = torch.topk(logits_TE, self.top_k, dim=-1)
+        scores_TK = torch.sigmoid(top_logits_TK.float()).to(x_TD.dtype)
+        return scores_TK, experts_TK, logits_TE
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as HF does: gate_up_proj [E, D, 2F] (gate | up), down_proj [E, F, D]."""
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+
+    def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        gate, up = grouped_mm(x_ND, self.gate_up_proj, offsets_E).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.down_proj, offsets_E)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.router = Router(cfg.dim, cfg.n_experts, cfg.top_k)
+        self.experts = Experts(cfg.n_experts, cfg.dim, cfg.expert_hidden_dim)
+        self.shared_expert = FeedForward(cfg.dim, cfg.expert_hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., D] -> (out [..., D], router logits [tokens, E] for load-balancing losses)."""
+        x_TD = x.reshape(-1, x.shape[-1])
+        scores_TK, experts_TK, logits_TE = self.router(x_TD)
+        # dispatch: one row per (token, chosen expert), grouped by expert
+        flat_experts = experts_TK.flatten()
+        order = torch.argsort(flat_experts, stable=True)
+        token_of_row = order // self.top_k
+        rows_ND = x_TD[token_of_row] * scores_TK.flatten()[order, None]
+        counts_E = torch.bincount(flat_experts, minlength=self.n_experts)
+        offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        routed_ND = self.experts(rows_ND, offsets_E)
+        # combine: each token sums its k expert outputs, plus the shared expert
+        out_TD = self.shared_expert(x_TD).index_add(0, token_of_row, routed_ND)
+        return out_TD.view_as(x), logits_TE

@@ -1,0 +1,91 @@
+"""The Llama 4 text decoder: embedding, pre-norm blocks (iRoPE attention + dense FFN or MoE), final norm, head.
+
+The model is a function of (tokens or embeddings, positions, cache): it knows nothing of training, sampling or
+serving. Module names follow the HF checkpoint so the key map (herd.checkpoint) stays one short table.
+"""
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from herd.config import ModelConfig
+from herd.model.attention import Attention, LayerCache
+from herd.model.ffn import FeedForward
+from herd.model.moe import MoE
+from herd.model.norm import RMSNorm
+from herd.model.rope import inv_frequencies, rope_angles
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.is_moe = cfg.is_moe(layer)
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = MoE(cfg) if self.is_moe else FeedForward(cfg.dim, cfg.dense_hidden_dim)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
+        out = self.feed_forward(self.post_attention_layernorm(h))
+        out, router_logits = out if self.is_moe else (out, None)
+        return h + out, router_logits
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Random init for fresh models: N(0, std) weights, unit norms (training may re-init per MetaP)."""
+        std = self.cfg.init_std if std is None else std
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, tokens: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache: "ModelCache | None" = None, embeds: torch.Tensor | None = None,
+                last_only: bool = False, return_router_logits: bool = False):
+        """tokens [B, T] (or embeds [B, T, D]) -> logits [B, T, V] ([B, 1, V] with ``last_only``).
+
+        positions [B, T] are absolute; by default they continue the cache (or start at 0)."""
+        x = self.embed_tokens(tokens) if embeds is None else embeds
+        B, T, _ = x.shape
+        if positions is None:
+            start = cache.seq_len if cache is not None else 0
+            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+        rope = rope_angles(positions, inv_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling,
+                                                      device=x.device))
+        router_logits = []
+        for block in self.layers:
+            x, logits_TE = block(x, positions, rope, cache)
+            if logits_TE is not None:
+                router_logits.append(logits_TE)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm(x))
+        return (logits, router_logits) if return_router_logits else logits
+
+
+class ModelCache(LayerCache, Protocol):
+    """What the decoder needs of a KV cache besides ``update``: the number of positions already seen."""
+
+    seq_len: int
+
+    def advance(self, n: int) -> None: ...

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from herd.checkpoint import hf_to_herd
+from herd.config import ModelConfig, RopeScaling, preset, to_hf_dict
+from herd.model import Transformer
+
+torch.set_num_threads(min(4, torch.get_num_threads()))
+
+
+def small_config(**changes) -> ModelConfig:
+    """A tiny random config whose vocab is small enough for fast reference runs."""
+    base = preset("tiny").replace(vocab_size=512, pad_token_id=None, bos_token_id=1, eos_token_id=2,
+                                  rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                           original_max_position_embeddings=32))
+    return base.replace(**changes)
+
+
+def hf_text_model(cfg: ModelConfig, seed: int = 0):
+    """A transformers Llama4ForCausalLM with random weights for ``cfg`` (eager attention: the plain reference)."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(seed)
+    d = to_hf_dict(cfg, text_only=True)
+    d.pop("model_type"), d.pop("architectures")
+    hf_cfg = Llama4TextConfig(**d)
+    hf_cfg._attn_implementation = "eager"
+    model = Llama4ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # HF leaves some tensors at zero/one; give every weight a scale that exercises it
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.08)
+    return model
+
+
+def herd_from_hf(hf_model, cfg: ModelConfig) -> Transformer:
+    model = Transformer(cfg).eval()
+    state = {hf_to_herd(k): v for k, v in hf_model.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+@pytest.fixture
+def tmp_model_dir(tmp_path):
+    return tmp_path / "model"
