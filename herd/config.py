@@ -164,9 +164,9 @@ PRESETS: dict[str, ModelConfig] = {
                                max_seq_len=1048576),
     # ESTIMATE: Meta has not published Behemoth's dimensions. Chosen to give the announced ~2T total / ~288B
     # active with 16 routed experts + 1 shared on every layer: width 16384, 112 layers, GQA 128/8 heads,
-    # expert FFN 20480 (see docs/presets.md and `herd info behemoth`).
+    # expert FFN 19968 -> 1.94T total / 290B active (`herd info behemoth`).
     "behemoth": ModelConfig(dim=16384, n_layers=112, n_heads=128, n_kv_heads=8, head_dim=128,
-                            expert_hidden_dim=20480, dense_hidden_dim=40960, n_experts=16,
+                            expert_hidden_dim=19968, dense_hidden_dim=39936, n_experts=16,
                             rope_scaling=RopeScaling(), vision=VisionConfig()),
     # tiny shapes for tests and smoke runs (random weights)
     "tiny": ModelConfig(vocab_size=202048, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16,

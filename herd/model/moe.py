@@ -18,7 +18,7 @@ _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 def grouped_mm(x_ND: torch.Tensor, w_EKM: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Rows x[offsets[e-1]:offsets[e]] multiply w[e]. x [N, K] sorted by expert, w [E, K, M] -> [N, M]."""
-    if _HAS_GROUPED_MM and x_ND.dtype == w_EKM.dtype and x_ND.device.type in ("cpu", "cuda"):
+    if _HAS_GROUPED_MM and _grouped_kernel_ok(x_ND, w_EKM):
         return torch._grouped_mm(x_ND, w_EKM, offs=offsets_E)
     out, start = x_ND.new_empty(x_ND.shape[0], w_EKM.shape[-1]), 0
     for e, end in enumerate(offsets_E.tolist()):
@@ -26,6 +26,16 @@ def grouped_mm(x_ND: torch.Tensor, w_EKM: torch.Tensor, offsets_E: torch.Tensor)
             out[start:end] = x_ND[start:end] @ w_EKM[e]
         start = end
     return out
+
+
+def _grouped_kernel_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    # torch's grouped kernel wants equal dtypes and 16-byte aligned row strides; its CPU backward fails
+    # (torch 2.14), so training on CPU takes the loop
+    size = x.element_size()
+    if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return False
+    return (x.dtype == w.dtype and x.device.type in ("cpu", "cuda") and (x.shape[1] * size) % 16 == 0
+            and (w.shape[-1] * size) % 16 == 0)
 
 
 class Router(nn.Module):

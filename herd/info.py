@@ -1,0 +1,152 @@
+"""Parameter census and layer layout of a config: what ``herd info`` prints.
+
+Counts come from the module tree built on the meta device (no memory), so they cannot drift from the model.
+"Active" parameters are those one token touches: everything except the routed experts it is not sent to
+(the usual convention: embeddings and the LM head count as active). The vision tower, when the config has one,
+is counted analytically from its config (its weights join the census when herd's vision model lands); it is
+in the total but not in the active count, which is per text token, as in Meta's "17B active".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from herd.config import ModelConfig, VisionConfig
+from herd.model import Transformer
+
+GPU_BYTES = 80e9  # one H100 / A100-80GB
+# bytes per weight by format; int4 adds one bf16 scale per group of 128, fp8 one fp32 scale per row (~0)
+_FORMAT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5 + 2 / 128}
+
+
+def _component(name: str) -> str:
+    if name.startswith("embed_tokens"):
+        return "embedding"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    if ".self_attn." in name:
+        return "attention"
+    if ".feed_forward.router." in name:
+        return "router"
+    if ".feed_forward.experts." in name:
+        return "routed_experts"
+    if ".feed_forward.shared_expert." in name:
+        return "shared_expert"
+    if ".feed_forward." in name:
+        return "dense_ffn"
+    return "norms"
+
+
+def vision_params(v: VisionConfig, text_dim: int) -> int:
+    """Parameters of the ViT, its pixel-shuffle adapter and the projector into the text width."""
+    d, h, patches = v.dim, v.hidden_dim, (v.image_size // v.patch_size) ** 2
+    embed = v.n_channels * v.patch_size**2 * d + d + (patches + 1) * d + 2 * 2 * d  # patch, cls, pos, ln pre/post
+    layer = 4 * (d * d + d) + (d * h + h) + (h * d + d) + 2 * 2 * d  # qkvo+bias, mlp+bias, 2 layernorms
+    shuffled = int(d / v.pixel_shuffle_ratio**2)
+    adapter = shuffled * v.projector_input_dim + v.projector_input_dim * v.projector_output_dim
+    return embed + v.n_layers * layer + adapter + v.vision_output_dim * text_dim
+
+
+@dataclass
+class Census:
+    config: ModelConfig
+    by_component: dict[str, int] = field(default_factory=dict)
+    active_by_component: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.by_component.values())
+
+    @property
+    def active_params(self) -> int:
+        return sum(self.active_by_component.values())
+
+    def weight_bytes(self, fmt: str) -> float:
+        # embeddings, norms and router stay bf16 in every scheme herd and the references use
+        keep = sum(self.by_component.get(c, 0) for c in ("embedding", "norms", "router", "vision"))
+        return keep * 2.0 + (self.total_params - keep) * _FORMAT_BYTES[fmt]
+
+    def layers(self) -> list[dict]:
+        c = self.config
+        return [{"index": i, "attention": "chunked_local" if c.is_chunked(i) else "global",
+                 "rope": c.uses_rope(i), "ffn": "moe" if c.is_moe(i) else "dense"} for i in range(c.n_layers)]
+
+    def to_dict(self) -> dict:
+        memory = {fmt: {"bytes": self.weight_bytes(fmt), "fits_one_80gb_gpu": self.weight_bytes(fmt) <= GPU_BYTES}
+                  for fmt in _FORMAT_BYTES}
+        return {"total_params": self.total_params, "active_params": self.active_params,
+                "params_by_component": self.by_component, "active_params_by_component": self.active_by_component,
+                "n_layers": self.config.n_layers, "moe_layers": list(self.config.moe_layers),
+                "nope_layers": [i for i in range(self.config.n_layers) if not self.config.uses_rope(i)],
+                "experts": self.config.n_experts, "top_k": self.config.top_k,
+                "attention_chunk_size": self.config.attention_chunk_size,
+                "weight_memory": memory, "layers": self.layers()}
+
+
+def census(cfg: ModelConfig) -> Census:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    out = Census(cfg)
+    for name, p in model.named_parameters():
+        comp = _component(name)
+        out.by_component[comp] = out.by_component.get(comp, 0) + p.numel()
+    if cfg.vision is not None:
+        out.by_component["vision"] = vision_params(cfg.vision, cfg.dim)
+    out.active_by_component = dict(out.by_component)
+    if "vision" in out.active_by_component:  # runs on image tiles, not per text token: not in "17B active"
+        out.active_by_component["vision"] = 0
+    if "routed_experts" in out.by_component:
+        out.active_by_component["routed_experts"] = out.by_component["routed_experts"] * cfg.top_k // cfg.n_experts
+    return out
+
+
+def _b(n: float) -> str:
+    if n >= 1e8:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def _ranges(idx: list[int]) -> str:
+    if not idx:
+        return "none"
+    parts, start = [], idx[0]
+    for a, b in zip(idx, idx[1:] + [None]):
+        if b != a + 1:
+            parts.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(parts)
+
+
+def render(c: Census, title: str) -> str:
+    cfg = c.config
+    layers = c.layers()
+    pattern = "".join(("M" if l["ffn"] == "moe" else "D") + ("g" if l["attention"] == "global" else "l")
+                      for l in layers)
+    lines = [f"{title}: {cfg.n_layers} layers, width {cfg.dim}, {cfg.n_heads} heads / {cfg.n_kv_heads} KV heads "
+             f"x {cfg.head_dim}, vocab {cfg.vocab_size}",
+             f"  experts: {cfg.n_experts} routed (top-{cfg.top_k}) + 1 shared, expert FFN {cfg.expert_hidden_dim}, "
+             f"dense FFN {cfg.dense_hidden_dim}",
+             f"  MoE layers: {_ranges(list(cfg.moe_layers))}   dense layers: "
+             f"{_ranges([l['index'] for l in layers if l['ffn'] == 'dense'])}",
+             f"  NoPE global layers: {_ranges([l['index'] for l in layers if l['attention'] == 'global'])}   "
+             f"chunked local (RoPE{', QK-norm' if cfg.use_qk_norm else ''}) chunk {cfg.attention_chunk_size}: "
+             f"the rest",
+             f"  layout (M=MoE D=dense, l=local g=global): {' '.join(pattern[i:i + 8] for i in range(0, len(pattern), 8))}",
+             "",
+             f"  {'component':<16}{'total':>12}{'active':>12}"]
+    for comp, n in c.by_component.items():
+        lines.append(f"  {comp:<16}{_b(n):>12}{_b(c.active_by_component[comp]):>12}")
+    lines.append(f"  {'all':<16}{_b(c.total_params):>12}{_b(c.active_params):>12}")
+    if cfg.vision is not None:
+        lines.append("  (vision: ViT + adapter + projector, counted from vision_config; it runs on image tiles only,\n"
+                     "   so it is not part of the per-token active count)")
+    lines.append("")
+    lines.append("  weight memory (embeddings, norms, router, vision kept in bf16):")
+    for fmt in _FORMAT_BYTES:
+        nbytes = c.weight_bytes(fmt)
+        gpus = int(-(-nbytes // GPU_BYTES))
+        fits = "fits one 80 GB GPU" if nbytes <= GPU_BYTES else f"needs >= {gpus} x 80 GB GPUs"
+        lines.append(f"    {fmt:<5}{nbytes / 1e9:10.1f} GB   {fits} (weights only, before KV cache)")
+    return "\n".join(lines)
