@@ -27,6 +27,7 @@ demo: $(VENV)/.installed
 	$(HERD) info scout
 	$(HERD) info maverick
 	$(HERD) new tiny $(DEMO_DIR) --seed 0
+	@echo "# generation from the random-weight tiny model (the text is noise until herd ships a trained default):"
 	$(HERD) generate $(DEMO_DIR) "The herd crossed the river" --max-new-tokens 16 --temperature 0
 
 clean:

@@ -34,6 +34,8 @@ def _grouped_kernel_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     size = x.element_size()
     if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False
+    if x.device.type == "cuda" and x.dtype != torch.bfloat16:  # the CUDA kernel is bf16-only
+        return False
     return (x.dtype == w.dtype and x.device.type in ("cpu", "cuda") and (x.shape[1] * size) % 16 == 0
             and (w.shape[-1] * size) % 16 == 0)
 

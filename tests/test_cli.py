@@ -1,0 +1,90 @@
+"""The `herd` command: a contract other tools rely on."""
+
+import json
+
+import pytest
+import torch
+
+from herd import checkpoint
+from herd.chat import ChatFormat
+from herd.cli import main
+from herd.infer import generate as generate_module
+from herd.infer.generate import generate
+from herd.tokenizer import Tokenizer
+
+
+def _json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("name,total,active", [("scout", 109e9, 17e9), ("maverick", 400e9, 17e9)])
+def test_info_json_matches_published_sizes(capsys, name, total, active):
+    info = _json(capsys, ["info", name, "--json"])
+    assert abs(info["total_params"] / total - 1) < 0.03
+    assert abs(info["active_params"] / active - 1) < 0.03
+    layers = info["layers"]
+    assert len(layers) == 48 and [l["index"] for l in layers if l["attention"] == "global"] == list(range(3, 48, 4))
+    assert info["weight_memory"]["int4"]["fits_one_80gb_gpu"] == (name == "scout")
+
+
+def test_info_text_shows_layout(capsys):
+    assert main(["info", "maverick"]) == 0
+    out = capsys.readouterr().out
+    assert "NoPE global layers: 3,7,11" in out and "MoE layers: 1,3,5" in out and "int4" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "tiny"
+    assert main(["new", "tiny", str(d), "--seed", "0"]) == 0
+    return d
+
+
+def test_generate_json_plain_prompt(capsys, tiny_dir):
+    tok = Tokenizer.load()
+    out = _json(capsys, ["generate", str(tiny_dir), "Hello there", "--max-new-tokens", "7", "--json"])
+    assert out["prompt_ids"] == [tok.bos_id] + tok.encode("Hello there")
+    model = checkpoint.load(tiny_dir).eval()
+    assert out["token_ids"] == generate(model, out["prompt_ids"], 7, stop_ids=tok.stop_ids)
+    assert len(out["token_ids"]) == 7 and out["text"] == tok.decode(out["token_ids"])
+
+
+def test_generate_chat_prompt_and_stop_token(capsys, tiny_dir, monkeypatch):
+    tok = Tokenizer.load()
+    steps = iter([11, 12, tok.eot_id, 13])
+    monkeypatch.setattr(generate_module, "sample", lambda logits, temperature, generator=None: next(steps))
+    out = _json(capsys, ["generate", str(tiny_dir), "Hi", "--chat", "--system", "Be brief.", "--json",
+                         "--max-new-tokens", "10"])
+    expected = ChatFormat(tok).encode_dialog([{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": "Hi"}])
+    assert out["prompt_ids"] == expected
+    assert out["token_ids"] == [11, 12, tok.eot_id] and out["stop_reason"] == "stop_token"
+    assert out["text"] == tok.decode([11, 12])
+
+
+def test_generate_sampling_is_seeded(capsys, tiny_dir):
+    argv = ["generate", str(tiny_dir), "Seeds", "--temperature", "1.0", "--seed", "3", "--json",
+            "--max-new-tokens", "6"]
+    assert _json(capsys, argv)["token_ids"] == _json(capsys, argv)["token_ids"]
+
+
+def test_generate_streams_text(capsys, tiny_dir):
+    assert main(["generate", str(tiny_dir), "Stream", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "/nonexistent/model", "x"], "/nonexistent/model"),
+    (["info", "llama-9000"], "llama-9000"),
+])
+def test_errors_are_clear_and_exit_2(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_option_values(capsys, tiny_dir):
+    assert main(["generate", str(tiny_dir), "x", "--max-new-tokens", "-1"]) == 2
+    assert "--max-new-tokens" in capsys.readouterr().err
+    assert main(["generate", str(tiny_dir), "x", "--dtype", "fp7"]) == 2
+    assert "fp7" in capsys.readouterr().err
