@@ -137,7 +137,8 @@ def render(c: Census, title: str) -> str:
              "",
              f"  {'component':<16}{'total':>12}{'active':>12}"]
     for comp, n in c.by_component.items():
-        lines.append(f"  {comp:<16}{_b(n):>12}{_b(c.active_by_component[comp]):>12}")
+        active = c.active_by_component[comp]
+        lines.append(f"  {comp:<16}{_b(n):>12}{_b(active) if active else '-':>12}")
     lines.append(f"  {'all':<16}{_b(c.total_params):>12}{_b(c.active_params):>12}")
     if cfg.vision is not None:
         lines.append("  (vision: ViT + adapter + projector, counted from vision_config; it runs on image tiles only,\n"
