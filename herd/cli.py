@@ -31,42 +31,93 @@ def cmd_new(args: argparse.Namespace) -> None:
     print(f"wrote a random-weight {args.preset} model to {out}")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from herd.chat import ChatFormat
-    from herd.checkpoint import load
-    from herd.infer.generate import stream
-    from herd.tokenizer import Tokenizer
+def _params(args: argparse.Namespace):
+    from herd.infer.sampling import SamplingParams
 
-    if args.max_new_tokens < 0:
-        raise HerdError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise HerdError(f"--temperature must be >= 0, got {args.temperature}")
-    tok = Tokenizer.for_model(args.model_dir)
-    if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                   [{"role": "user", "content": args.prompt}]
-        prompt_ids = ChatFormat(tok).encode_dialog(messages, add_generation_prompt=True)
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=args.stop or [])
+
+
+def _load(args: argparse.Namespace):
+    from herd.api import load
+
+    return load(args.model_dir, dtype=args.dtype, device=args.device)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    params = _params(args)
+    if args.batch_file is not None:
+        try:
+            prompts = [line.rstrip("\n") for line in open(args.batch_file, encoding="utf-8") if line.strip()]
+        except OSError as e:
+            raise HerdError(f"cannot read --batch-file {args.batch_file}: {e.strerror}") from None
+        if args.prompt is not None:
+            raise HerdError("give either PROMPT or --batch-file, not both")
+    elif args.prompt is None:
+        raise HerdError("give a PROMPT (or --batch-file FILE with one prompt per line)")
     else:
-        prompt_ids = [tok.bos_id] + tok.encode(args.prompt)
-    model = load(args.model_dir, dtype=args.dtype, device=args.device).eval()
-    if prompt_ids and max(prompt_ids) >= model.cfg.vocab_size:
-        raise HerdError(f"the tokenizer produced id {max(prompt_ids)} but the model's vocab is {model.cfg.vocab_size}")
-    decoder = tok.stream_decoder()
-    ids: list[int] = []
-    for token in stream(model, prompt_ids, args.max_new_tokens, args.temperature, args.seed, tok.stop_ids):
-        ids.append(token)
-        if token in tok.stop_ids:
-            break
-        piece = decoder.push(token)
-        if not args.json:
+        prompts = [args.prompt]
+    if args.stream and len(prompts) > 1:
+        raise HerdError("--stream shows one completion; it cannot be combined with --batch-file")
+    llm = _load(args)
+
+    def encode(text: str) -> list[int]:
+        if not args.chat:
+            return llm.encode(text)
+        return llm.chat_ids(([{"role": "system", "content": args.system}] if args.system else []) +
+                            [{"role": "user", "content": text}])
+
+    ids = [encode(p) for p in prompts]
+    if args.stream and not args.json:
+        for piece in llm.engine.stream(ids[0], params):
             print(piece, end="", flush=True)
-    tail = decoder.flush()
+        print()
+        return
+    for c in llm.engine.generate(ids, params):
+        if args.json:
+            print(json.dumps({"prompt_ids": c.prompt_ids, "token_ids": c.token_ids, "text": c.text,
+                              "stop_reason": c.stop_reason}))
+        else:
+            print(c.text + ("\n" if len(prompts) > 1 else ""))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from herd.infer.repl import repl
+
+    repl(_load(args), _params(args), system=args.system)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from herd.infer.bench import bench
+
+    llm = _load(args)
+    r = bench(llm.engine, args.prompt_len, args.new_tokens, args.batch)
     if args.json:
-        text = tok.decode([t for t in ids if t not in tok.stop_ids])
-        stop = "stop_token" if ids and ids[-1] in tok.stop_ids else "length"
-        print(json.dumps({"prompt_ids": prompt_ids, "token_ids": ids, "text": text, "stop_reason": stop}))
-    else:
-        print(tail)
+        print(json.dumps(r))
+        return
+    print(f"{args.model_dir}: batch {r['batch']}, prompt {r['prompt_len']}, {r['new_tokens']} new tokens, "
+          f"{r['dtype']} on {r['device']}")
+    print(f"  prefill {r['prefill_tok_s']:10.1f} tok/s   ({r['prefill_s']:.3f} s)")
+    print(f"  decode  {r['decode_tok_s']:10.1f} tok/s   ({r['decode_s']:.3f} s)")
+    print(f"  peak RSS {r['peak_rss_mb']:.0f} MB" + (f", peak GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""))
+
+
+def _add_model_args(s: argparse.ArgumentParser, dtype_default: str | None = None) -> None:
+    s.add_argument("model_dir", help="HF model directory (or a preset name: random weights)")
+    s.add_argument("--dtype", default=dtype_default, help="bf16 | fp32 (default: as stored)")
+    s.add_argument("--device", default="cpu")
+
+
+def _add_sampling_args(s: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    s.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,18 +136,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, help="bf16 | fp32 (default: fp32)")
     s.set_defaults(func=cmd_new)
 
-    s = sub.add_parser("generate", help="generate a continuation of PROMPT")
-    s.add_argument("model_dir", type=Path)
-    s.add_argument("prompt")
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--chat", action="store_true", help="wrap PROMPT as one user message + generation prompt")
+    s = sub.add_parser("generate", help="generate a continuation of PROMPT (or of each line of --batch-file)")
+    _add_model_args(s)
+    s.add_argument("prompt", nargs="?")
+    s.add_argument("--batch-file", type=Path, help="one prompt per line, generated as one batch")
+    s.add_argument("--chat", action="store_true", help="wrap each prompt as one user message + generation prompt")
     s.add_argument("--system", default=None, help="system message (with --chat)")
-    s.add_argument("--json", action="store_true", help='print {"prompt_ids", "token_ids", "text"}')
-    s.add_argument("--dtype", default=None, help="bf16 | fp32 (default: as stored)")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--stream", action="store_true", help="print text as it is generated")
+    s.add_argument("--json", action="store_true",
+                   help='print {"prompt_ids", "token_ids", "text", "stop_reason"} (one line per prompt)')
+    _add_sampling_args(s, 64)
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /exit)")
+    _add_model_args(s)
+    s.add_argument("--system", default=None, help="system message")
+    _add_sampling_args(s, 512)
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("bench", help="prefill/decode tokens per second and peak memory")
+    _add_model_args(s)
+    s.add_argument("--prompt-len", type=int, default=128)
+    s.add_argument("--new-tokens", type=int, default=64)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_bench)
     return p
 
 
@@ -107,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except HerdError as e:
         print(f"herd: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # bad option values surfacing from the library (e.g. an unknown dtype)
+    except (ValueError, FileNotFoundError) as e:  # bad option values / paths surfacing from the library
         print(f"herd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,8 +8,9 @@ import torch
 from herd import checkpoint
 from herd.chat import ChatFormat
 from herd.cli import main
-from herd.infer import generate as generate_module
-from herd.infer.generate import generate
+from herd.infer import engine as engine_module
+from herd.infer.engine import Engine
+from herd.infer.sampling import SamplingParams
 from herd.tokenizer import Tokenizer
 
 
@@ -46,14 +47,15 @@ def test_generate_json_plain_prompt(capsys, tiny_dir):
     out = _json(capsys, ["generate", str(tiny_dir), "Hello there", "--max-new-tokens", "7", "--json"])
     assert out["prompt_ids"] == [tok.bos_id] + tok.encode("Hello there")
     model = checkpoint.load(tiny_dir).eval()
-    assert out["token_ids"] == generate(model, out["prompt_ids"], 7, stop_ids=tok.stop_ids)
+    (c,) = Engine(model, tok).generate([out["prompt_ids"]], SamplingParams(max_new_tokens=7))
+    assert out["token_ids"] == c.token_ids
     assert len(out["token_ids"]) == 7 and out["text"] == tok.decode(out["token_ids"])
 
 
 def test_generate_chat_prompt_and_stop_token(capsys, tiny_dir, monkeypatch):
     tok = Tokenizer.load()
     steps = iter([11, 12, tok.eot_id, 13])
-    monkeypatch.setattr(generate_module, "sample", lambda logits, temperature, generator=None: next(steps))
+    monkeypatch.setattr(engine_module, "sample", lambda logits, *a: torch.tensor([next(steps)]))
     out = _json(capsys, ["generate", str(tiny_dir), "Hi", "--chat", "--system", "Be brief.", "--json",
                          "--max-new-tokens", "10"])
     expected = ChatFormat(tok).encode_dialog([{"role": "system", "content": "Be brief."},
@@ -70,8 +72,21 @@ def test_generate_sampling_is_seeded(capsys, tiny_dir):
 
 
 def test_generate_streams_text(capsys, tiny_dir):
+    assert main(["generate", str(tiny_dir), "Stream", "--max-new-tokens", "4", "--stream"]) == 0
+    streamed = capsys.readouterr().out
     assert main(["generate", str(tiny_dir), "Stream", "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().out.strip() != ""
+    assert streamed.strip() != "" and streamed == capsys.readouterr().out
+
+
+def test_generate_batch_file_equals_single_runs(capsys, tiny_dir, tmp_path):
+    prompts = ["First prompt", "A second, longer prompt with more words", "3"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n\n")
+    assert main(["generate", str(tiny_dir), "--batch-file", str(tmp_path / "p.txt"), "--json",
+                 "--max-new-tokens", "5"]) == 0
+    batched = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(batched) == 3
+    for p, b in zip(prompts, batched):
+        assert _json(capsys, ["generate", str(tiny_dir), p, "--json", "--max-new-tokens", "5"]) == b
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -85,6 +100,6 @@ def test_errors_are_clear_and_exit_2(capsys, argv, message):
 
 def test_bad_option_values(capsys, tiny_dir):
     assert main(["generate", str(tiny_dir), "x", "--max-new-tokens", "-1"]) == 2
-    assert "--max-new-tokens" in capsys.readouterr().err
+    assert "max_new_tokens=-1" in capsys.readouterr().err
     assert main(["generate", str(tiny_dir), "x", "--dtype", "fp7"]) == 2
     assert "fp7" in capsys.readouterr().err

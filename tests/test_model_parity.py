@@ -40,7 +40,8 @@ def test_bf16_close_to_transformers():
 
 @pytest.mark.parametrize("case", ["moe-all-top1-qknorm", "interleaved-top2-noqknorm"])
 def test_greedy_continuation_matches_transformers(case):
-    from herd.infer.generate import generate
+    from herd.infer.engine import Engine
+    from herd.infer.sampling import SamplingParams
 
     cfg = small_config(**CASES[case])
     hf = hf_text_model(cfg)
@@ -49,5 +50,6 @@ def test_greedy_continuation_matches_transformers(case):
     with torch.no_grad():
         ref = hf.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0,
                           min_new_tokens=32)[0, 20:].tolist()
-    got = generate(ours, prompt[0].tolist(), max_new_tokens=32, temperature=0.0, stop_ids=())
+    (c,) = Engine(ours).generate([prompt[0].tolist()], SamplingParams(max_new_tokens=32, stop_ids=frozenset()))
+    got = c.token_ids
     assert got == ref

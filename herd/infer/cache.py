@@ -1,23 +1,117 @@
-"""KV caches the decoder attends through (see herd.model.attention.LayerCache)."""
+"""Chunk-aware, preallocated KV cache.
+
+iRoPE makes long contexts cheap: a chunked local layer only ever attends inside the current chunk of
+``attention_chunk_size`` positions, so it keeps a ring buffer of that many slots (slot = position % chunk; a new
+chunk simply overwrites the old one, and the position-based mask hides what is stale). Only the NoPE global
+layers keep the full history. Memory is O(global_layers x context + local_layers x chunk).
+
+Every row of the batch has its own length. ``row(b)`` gives a view of one row (sharing storage) so prompts of
+different lengths are prefilled one by one and then decoded together.
+"""
+
+from __future__ import annotations
 
 import torch
 
+from herd.config import ModelConfig
 
-class DynamicCache:
-    """Keeps every layer's whole history, growing by concatenation: simple and exact, not fast.
-    All sequences of the batch share one length."""
 
-    def __init__(self, n_layers: int):
-        self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
-        self.seq_len = 0
+class KVCache:
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", chunked: bool = True):
+        self.max_len, self.chunk = max_len, cfg.attention_chunk_size
+        device = torch.device(device)
+        # a layer gets a ring only when its chunk is shorter than the context it must hold
+        self.ring = [chunked and cfg.is_chunked(i) and self.chunk < max_len for i in range(cfg.n_layers)]
+        shape = lambda n: (batch, cfg.n_kv_heads, n, cfg.head_dim)  # noqa: E731
+        self.k = [torch.zeros(shape(self.chunk if r else max_len), dtype=dtype, device=device) for r in self.ring]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        # position held by each ring slot (-1: empty); all ring layers are written in lockstep, so they share it
+        self.ring_pos = torch.full((batch, self.chunk if any(self.ring) else 1), -1, dtype=torch.long, device=device)
+        self.lengths = [0] * batch  # positions seen per row (host side: no device sync to plan a step)
+        self._rows = slice(0, batch)
+        self._step = None
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        old = self.kv[layer]
-        if old is not None:
-            k, v = torch.cat((old[0], k), dim=2), torch.cat((old[1], v), dim=2)
-        self.kv[layer] = (k, v)
-        B, S = k.shape[0], k.shape[2]
-        return k, v, torch.arange(S, device=k.device).expand(B, S)
+    # -- views -------------------------------------------------------------------------------------------------
+    def row(self, b: int) -> KVCache:
+        """A view of row ``b`` (shares the buffers): prefill one prompt without touching the others."""
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view._rows = slice(b, b + 1)
+        return view
 
-    def advance(self, n: int) -> None:
-        self.seq_len += n
+    @property
+    def batch(self) -> int:
+        return self._rows.stop - self._rows.start
+
+    def _lengths(self) -> list[int]:
+        return self.lengths[self._rows]
+
+    def reset(self, b: int | None = None) -> None:
+        rows = slice(None) if b is None else slice(b, b + 1)
+        self.ring_pos[rows] = -1
+        for i in range(len(self.lengths))[rows]:
+            self.lengths[i] = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, self.ring_pos))
+
+    # -- the decoder's interface (herd.model.transformer.ModelCache) ------------------------------------------
+    def positions(self, T: int) -> torch.Tensor:
+        """[B, T] positions continuing each row."""
+        start = torch.tensor(self._lengths(), device=self.ring_pos.device)
+        return start[:, None] + torch.arange(T, device=start.device)
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor):
+        lengths = self._lengths()
+        T = k_new.shape[2]
+        if max(lengths) + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; this step needs {max(lengths) + T}")
+        k_buf, v_buf = self.k[layer][self._rows], self.v[layer][self._rows]
+        if not self.ring[layer]:
+            S = max(lengths) + T
+            _write(k_buf, v_buf, positions, k_new, v_new)
+            k_pos = torch.arange(S, device=k_new.device).expand(k_new.shape[0], S)
+            return k_buf[:, :, :S], v_buf[:, :, :S], k_pos
+        if self._step is None:  # the first ring layer of this step plans slots and positions for all of them
+            self._step = self._plan_ring_step(positions, max(lengths))
+        slots, keep, k_pos = self._step
+        if T == 1:  # decode: write first, then attend over the ring (the slot it overwrote is out of chunk)
+            _write(k_buf, v_buf, slots, k_new, v_new)
+            S = k_pos.shape[1]
+            return k_buf[:, :, :S], v_buf[:, :, :S], k_pos
+        # prefill: the new queries may need keys of the previous chunk that writing the new ones would
+        # overwrite, so attend over (ring so far + new) and store only the last chunk's worth afterwards
+        used = k_pos.shape[1] - T
+        k_all = torch.cat((k_buf[:, :, :used], k_new), dim=2)
+        v_all = torch.cat((v_buf[:, :, :used], v_new), dim=2)
+        _write(k_buf, v_buf, slots, k_new[:, :, -keep:], v_new[:, :, -keep:])
+        return k_all, v_all, k_pos
+
+    def _plan_ring_step(self, positions: torch.Tensor, longest: int):
+        """(slots to write, how many new tokens to keep, key positions to attend); updates ring_pos."""
+        ring_pos = self.ring_pos[self._rows]
+        T = positions.shape[1]
+        used = min(self.chunk, longest)
+        keep = min(T, self.chunk)
+        slots = positions[:, -keep:] % self.chunk
+        if T == 1:
+            ring_pos.scatter_(1, slots, positions)
+            k_pos = ring_pos[:, :min(self.chunk, used + 1)]
+        else:
+            k_pos = torch.cat((ring_pos[:, :used], positions), dim=1)  # a copy: taken before the write below
+            ring_pos.scatter_(1, slots, positions[:, -keep:])
+        return slots, keep, k_pos
+
+    def advance(self, T: int) -> None:
+        for i in range(self._rows.start, self._rows.stop):
+            self.lengths[i] += T
+        self._step = None
+
+
+def _write(k_buf: torch.Tensor, v_buf: torch.Tensor, slots_BT: torch.Tensor, k: torch.Tensor,
+           v: torch.Tensor) -> None:
+    """k_buf[b, :, slots[b, t]] = k[b, :, t] (and v)."""
+    idx = slots_BT[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+    k_buf.scatter_(2, idx, k)
+    v_buf.scatter_(2, idx, v)

@@ -66,8 +66,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens) if embeds is None else embeds
         B, T, _ = x.shape
         if positions is None:
-            start = cache.seq_len if cache is not None else 0
-            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+            positions = cache.positions(T) if cache is not None else torch.arange(T, device=x.device).expand(B, T)
         rope = rope_angles(positions, inv_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling,
                                                       device=x.device))
         router_logits = []
@@ -84,8 +83,12 @@ class Transformer(nn.Module):
 
 
 class ModelCache(LayerCache, Protocol):
-    """What the decoder needs of a KV cache besides ``update``: the number of positions already seen."""
+    """What the decoder needs of a KV cache besides ``update`` (herd.infer.cache.KVCache)."""
 
-    seq_len: int
+    def positions(self, T: int) -> torch.Tensor:
+        """[B, T] absolute positions of the next T tokens of each row."""
+        ...
 
-    def advance(self, n: int) -> None: ...
+    def advance(self, T: int) -> None:
+        """T tokens of every row have gone through all layers."""
+        ...
