@@ -88,6 +88,8 @@ class MoE(nn.Module):
         counts_E = torch.bincount(flat_experts, minlength=self.n_experts)
         offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         routed_ND = self.experts(rows_ND, offsets_E)
-        # combine: each token sums its k expert outputs, plus the shared expert
-        out_TD = self.shared_expert(x_TD).index_add(0, token_of_row, routed_ND)
+        # combine: rows back in (token, k) order, summed over k, plus the shared expert (a gather, not
+        # index_add: torch's CPU index_add takes milliseconds even for one row)
+        routed_TKD = routed_ND[torch.argsort(order)].view(-1, self.top_k, x.shape[-1])
+        out_TD = self.shared_expert(x_TD) + routed_TKD.sum(dim=1)
         return out_TD.view_as(x), logits_TE
