@@ -28,6 +28,7 @@ class KVCache:
         self.v = [torch.zeros_like(k) for k in self.k]
         # position held by each ring slot (-1: empty); all ring layers are written in lockstep, so they share it
         self.ring_pos = torch.full((batch, self.chunk if any(self.ring) else 1), -1, dtype=torch.long, device=device)
+        self.slot_pos = torch.arange(max_len, device=device).expand(batch, max_len)  # position of each full slot
         self.lengths = [0] * batch  # positions seen per row (host side: no device sync to plan a step)
         self._rows = slice(0, batch)
         self._step = None
@@ -61,6 +62,18 @@ class KVCache:
         """[B, T] positions continuing each row."""
         start = torch.tensor(self._lengths(), device=self.ring_pos.device)
         return start[:, None] + torch.arange(T, device=start.device)
+
+    def update_static(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor):
+        """Decode step of the whole batch with fixed shapes and no host-side bookkeeping, for torch.compile /
+        CUDA graphs: attend over every slot, let the position mask hide the unwritten and stale ones."""
+        k_buf, v_buf = self.k[layer], self.v[layer]
+        if self.ring[layer]:
+            slots = positions % self.chunk
+            _write(k_buf, v_buf, slots, k_new, v_new)
+            self.ring_pos.scatter_(1, slots, positions)  # the same write from every ring layer: harmless
+            return k_buf, v_buf, self.ring_pos
+        _write(k_buf, v_buf, positions, k_new, v_new)
+        return k_buf, v_buf, self.slot_pos
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor):
         lengths = self._lengths()

@@ -66,11 +66,52 @@ class _Row:
         return out
 
 
+class _StaticStep:
+    """The cache as a compiled decode step sees it: tensor-only updates; the engine advances the lengths."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        return self.cache.update_static(layer, k, v, positions)
+
+    def advance(self, T: int) -> None:
+        pass
+
+
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, prefill_chunk: int = 512):
+    """``compile=True`` runs decode steps through torch.compile (CUDA graphs on GPU): the first steps of each
+    new batch size / cache length pay for compilation."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, prefill_chunk: int = 512,
+                 compile: bool = False):
         self.model, self.tokenizer, self.prefill_chunk = model.eval(), tokenizer, prefill_chunk
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype if p.is_floating_point() else torch.bfloat16
+        self._compiled = None
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._compiled = torch.compile(self._static_decode, mode=mode, dynamic=False)
+
+    def _static_decode(self, ids_B1: torch.Tensor, positions_B1: torch.Tensor, step: _StaticStep) -> torch.Tensor:
+        return self.model(ids_B1, positions=positions_B1, cache=step, last_only=True)
+
+    def _decode(self, cache: KVCache, ids_B1: torch.Tensor) -> torch.Tensor:
+        if self._compiled is None:
+            return self.model(ids_B1, cache=cache, last_only=True)
+        logits = self._compiled(ids_B1, cache.positions(1), _StaticStep(cache))
+        cache.advance(1)
+        return logits
+
+    def _new_cache(self, batch: int, max_len: int) -> KVCache:
+        if self._compiled is not None:
+            # fixed shapes: round the cache up so that nearby lengths share one compiled graph
+            max_len = min(-(-max_len // 256) * 256, self.model.cfg.max_seq_len)
+        cache = KVCache(self.model.cfg, batch, max_len, self.dtype, self.device)
+        if self._compiled is not None and self.device.type == "cuda":
+            for t in (*cache.k, *cache.v, cache.ring_pos):
+                torch._dynamo.mark_static_address(t)  # updated in place inside the CUDA graph
+        return cache
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         if params.stop_ids is not None:
@@ -93,7 +134,7 @@ class Engine:
         max_len = max(len(p) for p in prompts) + params.max_new_tokens
         if max_len > cfg.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds the model's context ({cfg.max_seq_len})")
-        cache = KVCache(cfg, len(prompts), max_len, self.dtype, self.device)
+        cache = self._new_cache(len(prompts), max_len)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -120,7 +161,7 @@ class Engine:
                 return
             if seen is not None:
                 seen.scatter_(1, next_ids[:, None], True)
-            last = self.model(next_ids[:, None], cache=cache, last_only=True)[:, -1].float()
+            last = self._decode(cache, next_ids[:, None])[:, -1].float()
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams | None = None) -> list[Completion]:
         """Complete every prompt (token id lists); batched, each row stops on its own."""

@@ -20,6 +20,11 @@ def grouped_mm(x_ND: torch.Tensor, w_EKM: torch.Tensor, offsets_E: torch.Tensor)
     """Rows x[offsets[e-1]:offsets[e]] multiply w[e]. x [N, K] sorted by expert, w [E, K, M] -> [N, M]."""
     if _HAS_GROUPED_MM and _grouped_kernel_ok(x_ND, w_EKM):
         return torch._grouped_mm(x_ND, w_EKM, offs=offsets_E)
+    if torch.compiler.is_compiling():
+        # fixed shapes and no host sync inside a graph: each row multiplies its own expert's weights
+        # (gathered: extra traffic, fine at decode sizes; torch's grouped kernel only traces for bf16)
+        expert_N = torch.searchsorted(offsets_E, torch.arange(x_ND.shape[0], device=x_ND.device), right=True)
+        return torch.bmm(x_ND[:, None, :], w_EKM[expert_N]).squeeze(1)
     out, start = x_ND.new_empty(x_ND.shape[0], w_EKM.shape[-1]), 0
     for e, end in enumerate(offsets_E.tolist()):
         if end > start:
@@ -34,8 +39,8 @@ def _grouped_kernel_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     size = x.element_size()
     if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False
-    if x.device.type == "cuda" and x.dtype != torch.bfloat16:  # the CUDA kernel is bf16-only
-        return False
+    if (x.device.type == "cuda" or torch.compiler.is_compiling()) and x.dtype != torch.bfloat16:
+        return False  # the CUDA kernel and the op's tracing rule are bf16-only
     return (x.dtype == w.dtype and x.device.type in ("cpu", "cuda") and (x.shape[1] * size) % 16 == 0
             and (w.shape[-1] * size) % 16 == 0)
 
@@ -85,7 +90,9 @@ class MoE(nn.Module):
         order = torch.argsort(flat_experts, stable=True)
         token_of_row = order // self.top_k
         rows_ND = x_TD[token_of_row] * scores_TK.flatten()[order, None]
-        counts_E = torch.bincount(flat_experts, minlength=self.n_experts)
+        # counts by scatter_add, not bincount: its output length depends on the data, which torch.compile dislikes
+        counts_E = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_experts, torch.ones_like(flat_experts))
         offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         routed_ND = self.experts(rows_ND, offsets_E)
         # combine: rows back in (token, k) order, summed over k, plus the shared expert (a gather, not
