@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from herd.config import load_config, save_config
+from herd.config import load_config, to_hf_dict
 from herd.errors import CheckpointError
 from herd.model import Transformer
 
@@ -50,8 +50,8 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def hf_to_herd(name: str) -> str | None:
     """HF tensor name -> herd parameter name (None: not part of the text model)."""
     for head in _HEAD_PREFIXES:
-        if name == head + "lm_head.weight":
-            return "lm_head.weight"
+        if name.startswith(head + "lm_head."):  # lm_head.weight, and a quantized head's lm_head.weight_scale
+            return name[len(head):]
     for prefix in _TEXT_PREFIXES:
         if name.startswith(prefix):
             return name[len(prefix):]
@@ -60,7 +60,7 @@ def hf_to_herd(name: str) -> str | None:
 
 def herd_to_hf(name: str, multimodal: bool = False) -> str:
     prefix = "language_model." if multimodal else ""
-    return prefix + (name if name == "lm_head.weight" else "model." + name)
+    return prefix + (name if name.startswith("lm_head.") else "model." + name)
 
 
 # -- reading ----------------------------------------------------------------------------------------------------
@@ -118,12 +118,45 @@ def load(directory: str | Path, dtype: str | torch.dtype | None = None, device: 
     """Load an HF Llama 4 model directory (config.json + single or sharded safetensors) into a herd Transformer.
 
     dtype: target dtype of floating tensors (None: as stored). Tensors of the vision tower are skipped until
-    herd's vision model exists; any other unknown, missing or mis-shaped tensor is an error naming it."""
+    herd's vision model exists; any other unknown, missing or mis-shaped tensor is an error naming it.
+    A config.json with a ``quantization_config`` (herd's int8/int4 formats, compressed-tensors FP8 such as
+    Llama-4-Maverick-FP8) loads the quantized model; ``dtype`` then applies to the tensors left unquantized."""
     directory = Path(directory)
     cfg = load_config(directory, strict=strict_config)
     dtype, device = parse_dtype(dtype), torch.device(device)
+    qconfig = quantization_config(directory)
+    if qconfig is not None:
+        from herd.infer.quant_checkpoint import load_quantized  # the formats live with the quantized modules
+
+        return load_quantized(directory, cfg, qconfig, dtype=dtype, device=device, progress=progress)
     with torch.device("meta"):
         model = Transformer(cfg)
+    fill(model, directory, dtype, device, progress)
+    return model
+
+
+def quantization_config(directory: Path) -> dict | None:
+    """The ``quantization_config`` entry of config.json (top level or in text_config), if any."""
+    try:
+        d = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # load_config has already reported a missing or broken config.json
+    return d.get("quantization_config") or (d.get("text_config") or {}).get("quantization_config")
+
+
+# (HF name, herd name, file, tensor) -> True when the tensor was placed (tensors with no parameter of their own)
+ExtraTensor = Callable[[str, str, Path, torch.Tensor], bool]
+
+
+def fill(model: Transformer, directory: Path, dtype: torch.dtype | None, device: torch.device,
+         progress: bool | None = None, target_dtype: Callable[[str, str, torch.Tensor], torch.dtype] | None = None,
+         extra: ExtraTensor | None = None, filled: Collection[str] = ()) -> None:
+    """Fill the meta-device ``model`` tensor by tensor from ``directory`` and check that nothing is missing.
+
+    target_dtype(herd name, HF name, tensor) picks the stored dtype (default: ``dtype`` for floating tensors) and may
+    raise ValueError to reject a tensor; ``extra`` is offered tensors that have no parameter of their own
+    name; ``filled``: parameters the caller (its ``extra``) has placed itself, read after the last tensor."""
+    cfg = model.cfg
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
     files = checkpoint_files(directory)
@@ -135,14 +168,23 @@ def load(directory: str | Path, dtype: str | torch.dtype | None = None, device: 
                 continue
             raise CheckpointError(f"unexpected tensor {hf_name} in {file}: not part of a Llama 4 text model")
         if name not in expected:
+            if extra is not None and extra(hf_name, name, file, tensor):
+                continue
             raise CheckpointError(f"unexpected tensor {hf_name} in {file} (config.json has no such parameter)")
         param = expected[name]
         if tuple(tensor.shape) != tuple(param.shape):
             raise CheckpointError(f"tensor {hf_name} in {file} has shape {tuple(tensor.shape)}, "
                                   f"the config expects {tuple(param.shape)}")
-        target = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
+        if target_dtype is None:
+            target = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
+        else:
+            try:
+                target = target_dtype(name, hf_name, tensor)
+            except ValueError as e:
+                raise CheckpointError(f"tensor {hf_name} in {file} {e}") from None
         _assign(model, name, tensor.to(device=device, dtype=target))
         loaded.add(name)
+    loaded |= set(filled)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
         loaded.add("lm_head.weight")
@@ -150,7 +192,6 @@ def load(directory: str | Path, dtype: str | torch.dtype | None = None, device: 
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{directory}: missing tensor(s) {', '.join(herd_to_hf(m) for m in missing[:3])}{more}")
-    return model
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -165,17 +206,23 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
     """Write ``model`` as an HF ``Llama4ForCausalLM`` directory (config.json, safetensors shards, index).
 
     The directory is built next to the target and renamed into place, replacing an older one only at the end."""
-    directory = Path(directory)
     dtype = parse_dtype(dtype)
     tensors = {}
     for name, p in model.named_parameters():  # named_parameters skips the tied lm_head, as HF expects
         t = p.detach()
         tensors[herd_to_hf(name)] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    return write_dir(directory, tensors, to_hf_dict(model.cfg, text_only=True), max_shard_bytes)
+
+
+def write_dir(directory: str | Path, tensors: dict[str, torch.Tensor], hf_config: dict,
+              max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Atomically write config.json + ``tensors`` (HF names) as one safetensors file or shards + index."""
+    directory = Path(directory)
     shards = _shard(tensors, max_shard_bytes)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_config(model.cfg, tmp, text_only=True)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
         else:
@@ -222,4 +269,5 @@ def _replace_dir(tmp: Path, directory: Path) -> None:
     shutil.rmtree(aside)
 
 
-__all__ = ["load", "save", "load_state_dict", "hf_to_herd", "herd_to_hf", "parse_dtype"]
+__all__ = ["load", "save", "load_state_dict", "hf_to_herd", "herd_to_hf", "parse_dtype", "fill", "write_dir",
+           "quantization_config"]

@@ -103,6 +103,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"  peak RSS {r['peak_rss_mb']:.0f} MB" + (f", peak GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""))
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from herd.infer.quant_checkpoint import quantize_directory
+
+    skip = args.skip if args.skip is not None else None
+    out = quantize_directory(args.model_dir, args.out, args.scheme, group_size=args.group_size, skip=skip,
+                             quantize_lm_head=args.lm_head, dtype=args.dtype)
+    print(f"wrote {args.scheme} model to {out}")
+
+
 def _add_model_args(s: argparse.ArgumentParser, dtype_default: str | None = None) -> None:
     s.add_argument("model_dir", help="HF model directory (or a preset name: random weights)")
     s.add_argument("--dtype", default=dtype_default, help="bf16 | fp32 (default: as stored)")
@@ -161,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("quantize", help="quantize a model directory's weights and write a directory herd loads")
+    s.add_argument("model_dir", type=Path)
+    s.add_argument("out", type=Path)
+    s.add_argument("--scheme", required=True,
+                   choices=["int8", "int4", "fp8", "int4_weight_int8_dynamic_activation"])
+    s.add_argument("--group-size", type=int, default=128, help="int4 group size along the input dim")
+    s.add_argument("--skip", action="append", help="glob of module names to keep unquantized (repeatable)")
+    s.add_argument("--lm-head", action="store_true", help="quantize the LM head too")
+    s.add_argument("--dtype", default="bf16", help="dtype of the unquantized tensors (default bf16)")
+    s.set_defaults(func=cmd_quantize)
     return p
 
 

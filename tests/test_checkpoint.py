@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import herd_from_hf, hf_text_model, small_config
+from conftest import hf_text_model, small_config
 from herd import checkpoint
 from herd.config import VisionConfig, to_hf_dict
 from herd.errors import CheckpointError

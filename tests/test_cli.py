@@ -103,3 +103,14 @@ def test_bad_option_values(capsys, tiny_dir):
     assert "max_new_tokens=-1" in capsys.readouterr().err
     assert main(["generate", str(tiny_dir), "x", "--dtype", "fp7"]) == 2
     assert "fp7" in capsys.readouterr().err
+
+
+def test_quantize_command_writes_a_loadable_directory(capsys, tiny_dir, tmp_path):
+    out = tmp_path / "int8"
+    assert main(["quantize", str(tiny_dir), str(out), "--scheme", "int8"]) == 0
+    capsys.readouterr()
+    q = _json(capsys, ["generate", str(out), "Hello", "--json", "--max-new-tokens", "3"])
+    assert len(q["token_ids"]) == 3
+    model = checkpoint.load(out)
+    assert any(p.dtype == torch.int8 for p in model.parameters())
+    assert main(["quantize", str(tmp_path / "missing"), str(tmp_path / "x"), "--scheme", "int4"]) == 2

@@ -1,0 +1,1 @@
+"""Evaluation: quality metrics of models and of their quantized variants."""
