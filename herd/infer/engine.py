@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from herd.infer.cache import KVCache
+from herd.infer.matvec import use_matvec
 from herd.infer.sampling import SamplingParams, sample
 from herd.model import Transformer
 from herd.tokenizer import Tokenizer
@@ -90,6 +91,8 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype if p.is_floating_point() else torch.bfloat16
         self._compiled = None
         if compile:
+            if self.device.type == "cpu":
+                use_matvec(model)  # bandwidth-bound GEMVs as fused loops (herd.infer.matvec)
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._compiled = torch.compile(self._static_decode, mode=mode, dynamic=False)
 

@@ -21,9 +21,12 @@ def grouped_mm(x_ND: torch.Tensor, w_EKM: torch.Tensor, offsets_E: torch.Tensor)
     if _HAS_GROUPED_MM and _grouped_kernel_ok(x_ND, w_EKM):
         return torch._grouped_mm(x_ND, w_EKM, offs=offsets_E)
     if torch.compiler.is_compiling():
-        # fixed shapes and no host sync inside a graph: each row multiplies its own expert's weights
-        # (gathered: extra traffic, fine at decode sizes; torch's grouped kernel only traces for bf16)
+        # fixed shapes and no host sync inside a graph: each row multiplies its own expert's weights. A few rows
+        # (decode) as multiply + sum, which inductor turns into one loop streaming just those experts' weights;
+        # more rows as a batched matmul over gathered weights.
         expert_N = torch.searchsorted(offsets_E, torch.arange(x_ND.shape[0], device=x_ND.device), right=True)
+        if x_ND.shape[0] <= 4:
+            return (x_ND[:, :, None].float() * w_EKM[expert_N].float()).sum(1).to(x_ND.dtype)
         return torch.bmm(x_ND[:, None, :], w_EKM[expert_N]).squeeze(1)
     out, start = x_ND.new_empty(x_ND.shape[0], w_EKM.shape[-1]), 0
     for e, end in enumerate(offsets_E.tolist()):
@@ -39,8 +42,10 @@ def _grouped_kernel_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     size = x.element_size()
     if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False
-    if (x.device.type == "cuda" or torch.compiler.is_compiling()) and x.dtype != torch.bfloat16:
-        return False  # the CUDA kernel and the op's tracing rule are bf16-only
+    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
+        return False  # the CUDA kernel is bf16-only
+    if torch.compiler.is_compiling() and (x.dtype != torch.bfloat16 or x.device.type == "cpu"):
+        return False  # the op's tracing rule is bf16-only; on CPU the compiled loop below streams faster
     return (x.dtype == w.dtype and x.device.type in ("cpu", "cuda") and (x.shape[1] * size) % 16 == 0
             and (w.shape[-1] * size) % 16 == 0)
 
