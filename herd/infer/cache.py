@@ -41,18 +41,8 @@ class KVCache:
         view._rows = slice(b, b + 1)
         return view
 
-    @property
-    def batch(self) -> int:
-        return self._rows.stop - self._rows.start
-
     def _lengths(self) -> list[int]:
         return self.lengths[self._rows]
-
-    def reset(self, b: int | None = None) -> None:
-        rows = slice(None) if b is None else slice(b, b + 1)
-        self.ring_pos[rows] = -1
-        for i in range(len(self.lengths))[rows]:
-            self.lengths[i] = 0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, self.ring_pos))
@@ -84,8 +74,7 @@ class KVCache:
         if not self.ring[layer]:
             S = max(lengths) + T
             _write(k_buf, v_buf, positions, k_new, v_new)
-            k_pos = torch.arange(S, device=k_new.device).expand(k_new.shape[0], S)
-            return k_buf[:, :, :S], v_buf[:, :, :S], k_pos
+            return k_buf[:, :, :S], v_buf[:, :, :S], self.slot_pos[self._rows, :S]
         if self._step is None:  # the first ring layer of this step plans slots and positions for all of them
             self._step = self._plan_ring_step(positions, max(lengths))
         slots, keep, k_pos = self._step
