@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import herd_from_hf, hf_text_model  # noqa: E402  (same weights in both implementations)
 
 from herd.config import preset  # noqa: E402
+from machine import describe  # noqa: E402
 
 # a small Scout-shaped MoE: every layer MoE, 16 experts top-1, chunked local + NoPE global layers
 CONFIG = preset("tiny").replace(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64,
@@ -42,20 +42,6 @@ def _time(fn, repeats: int, device: str) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def machine(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def run(tokens: int, device: str, repeats: int) -> list[dict]:
@@ -84,7 +70,7 @@ def main() -> None:
     rows = run(args.tokens, args.device, args.repeats)
     import transformers
 
-    head = (f"### Forward (prefill {args.tokens} tokens, batch 1) — {datetime.date.today()} — {machine(args.device)}\n\n"
+    head = (f"### Forward (prefill {args.tokens} tokens, batch 1) — {datetime.date.today()} — {describe(args.device)}\n\n"
             f"torch {torch.__version__}, transformers {transformers.__version__}. Config: {CONFIG.n_layers} layers, "
             f"width {CONFIG.dim}, {CONFIG.n_experts} experts top-{CONFIG.top_k}, expert FFN "
             f"{CONFIG.expert_hidden_dim}, chunk {CONFIG.attention_chunk_size}, vocab {CONFIG.vocab_size}; "

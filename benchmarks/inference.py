@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import configs  # noqa: E402
 import llamacpp  # noqa: E402
+from machine import describe  # noqa: E402
 
 from herd import checkpoint  # noqa: E402
 from herd.infer.bench import bench  # noqa: E402
@@ -149,22 +150,11 @@ def _f(v: float | None, fmt: str = "{:.1f}") -> str:
     return "–" if v is None else fmt.format(v)
 
 
-def _machine(device: str) -> str:
-    if device != "cpu":
-        return torch.cuda.get_device_name()
-    name = "cpu"
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-            break
-    return f"{name}, {torch.get_num_threads()} threads"
-
-
 def render(rows: list[dict], args: argparse.Namespace, bandwidth: float | None) -> str:
     import transformers
 
     cmd = "python benchmarks/inference.py " + " ".join(sys.argv[1:])
-    out = [f"### Inference engine — {datetime.date.today()} — {_machine(args.device)}", "",
+    out = [f"### Inference engine — {datetime.date.today()} — {describe(args.device)}", "",
            f"Command: `{cmd}`. torch {torch.__version__}, transformers {transformers.__version__}. Decode: batch 1, "
            f"128-token prompt, {args.new_tokens} new tokens (transformers on medium: 16); prefill: "
            f"{args.prefill_len}-token prompt." + (f" Copy bandwidth {bandwidth:.1f} GB/s." if bandwidth else ""), "",

@@ -31,6 +31,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from machine import cpu_name
+
 BENCH_DIR = Path(__file__).resolve().parent
 CACHE = BENCH_DIR / ".cache"
 DEFAULT_WORK_DIR = CACHE / "llamacpp"
@@ -340,17 +342,6 @@ def read_bandwidth_gbs(size_bytes: int = 2**30, reps: int = 5) -> float:
     return x.numel() * x.element_size() / best / 1e9
 
 # -- script -------------------------------------------------------------------------------------------------------
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
-
-
 def _fmt(v: float | None, sd: float | None, best: float | None = None) -> str:
     return "-" if v is None else f"{v:.1f} ± {sd:.1f}" + (f" (best {best:.1f})" if best is not None else "")
 
@@ -405,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             row["decode_floor_read_tok_s"] = bw_read / row["active_weight_gb"]
             rows.append(row)
 
-    print(f"\nllama.cpp ({source_dir().parent.parent.name}), {_cpu()}, {a.threads} threads, "
+    print(f"\nllama.cpp ({source_dir().parent.parent.name}), {cpu_name()}, {a.threads} threads, "
           f"copy bandwidth {bw:.1f} GB/s (read+write), read bandwidth {bw_read:.1f} GB/s\n")
     heads = [f"pp{pl} tok/s" for pl in prompts]
     print("| config | type | GGUF GiB | " + " | ".join(heads)
@@ -418,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{max(r['cpu_busy_before']):.0%} |")
     if a.json:
         a.json.write_text(json.dumps({"bandwidth_gbs": bw, "read_bandwidth_gbs": bw_read, "threads": a.threads,
-                                      "cpu": _cpu(), "rows": rows}, indent=2) + "\n")
+                                      "cpu": cpu_name(), "rows": rows}, indent=2) + "\n")
     return 0
 
 

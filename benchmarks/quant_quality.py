@@ -29,6 +29,7 @@ from herd.config import preset  # noqa: E402
 from herd.eval.quant_quality import logit_kl, perplexity  # noqa: E402
 from herd.infer.quantize import model_bytes, quantize  # noqa: E402
 from herd.model import Transformer  # noqa: E402
+from machine import describe  # noqa: E402
 
 # bytes as tokens; MoE on layers 1, 3, 5 (8 experts, top-1) and dense FFN on 0, 2, 4, as Maverick alternates
 CONFIG = preset("tiny-interleaved").replace(vocab_size=256, dim=128, n_layers=6, n_heads=4, n_kv_heads=2,
@@ -80,18 +81,6 @@ def held_out_batches(data: torch.Tensor, n_seqs: int, batch: int = 8) -> list[to
     return list(seqs.split(batch))
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
 def run(steps: int, batch: int, n_eval: int) -> tuple[list[dict], dict]:
     train_data, held_out = corpus()
     t = time.perf_counter()
@@ -123,7 +112,7 @@ def main() -> None:
     args = p.parse_args()
     rows, meta = run(args.steps, args.batch, args.eval_seqs)
     c = CONFIG
-    head = (f"### Quantization quality — {datetime.date.today()} — {machine()}\n\n"
+    head = (f"### Quantization quality — {datetime.date.today()} — {describe()}\n\n"
             f"torch {torch.__version__}, Python {platform.python_version()}. Model: byte-level Llama 4, "
             f"{c.n_layers} layers (MoE on {', '.join(map(str, c.moe_layers))}: {c.n_experts} experts top-{c.top_k}, "
             f"expert FFN {c.expert_hidden_dim}; dense FFN {c.dense_hidden_dim}), width {c.dim}, trained "
