@@ -128,8 +128,9 @@ class Engine:
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty: give at least one token (e.g. <|begin_of_text|>)")
-            if max(p) >= cfg.vocab_size or min(p) < 0:
-                raise ValueError(f"prompt {i} holds token id {max(p)} outside the vocabulary ({cfg.vocab_size})")
+            bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} holds token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
         rows = [_Row(list(p), self.tokenizer, params, self._stop_ids(params)) for p in prompts]
         if params.max_new_tokens == 0:
             yield rows
