@@ -14,6 +14,7 @@ from herd.config import ModelConfig
 from herd.model.ffn import FeedForward
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+_FUSED_ROWS = 4  # up to this many rows a compiled expert product is a fused multiply+sum (decode)
 
 
 def grouped_mm(x_ND: torch.Tensor, w_EKM: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -25,7 +26,7 @@ def grouped_mm(x_ND: torch.Tensor, w_EKM: torch.Tensor, offsets_E: torch.Tensor)
         # (decode) as multiply + sum, which inductor turns into one loop streaming just those experts' weights;
         # more rows as a batched matmul over gathered weights.
         expert_N = torch.searchsorted(offsets_E, torch.arange(x_ND.shape[0], device=x_ND.device), right=True)
-        if x_ND.shape[0] <= 4:
+        if x_ND.shape[0] <= _FUSED_ROWS:
             return (x_ND[:, :, None].float() * w_EKM[expert_N].float()).sum(1).to(x_ND.dtype)
         return torch.bmm(x_ND[:, None, :], w_EKM[expert_N]).squeeze(1)
     out, start = x_ND.new_empty(x_ND.shape[0], w_EKM.shape[-1]), 0
@@ -44,8 +45,9 @@ def _grouped_kernel_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if x.device.type == "cuda" and x.dtype != torch.bfloat16:
         return False  # the CUDA kernel is bf16-only
-    if torch.compiler.is_compiling() and (x.dtype != torch.bfloat16 or x.device.type == "cpu"):
-        return False  # the op's tracing rule is bf16-only; on CPU the compiled loop below streams faster
+    if torch.compiler.is_compiling() and (x.dtype != torch.bfloat16 or (x.device.type == "cpu"
+                                                                        and x.shape[0] <= _FUSED_ROWS)):
+        return False  # the op's tracing rule is bf16-only; for a few rows on CPU the fused loop below is faster
     return (x.dtype == w.dtype and x.device.type in ("cpu", "cuda") and (x.shape[1] * size) % 16 == 0
             and (w.shape[-1] * size) % 16 == 0)
 
