@@ -30,9 +30,9 @@ _SAMPLING_KEYS = set(SamplingParams.__dataclass_fields__)
 class LLM:
     """A model with its tokenizer and a generation engine."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, prefill_chunk: int = 512):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, prefill_chunk: int = 512, compile: bool = False):
         self.model, self.tokenizer = model, tokenizer
-        self.engine = Engine(model, tokenizer, prefill_chunk=prefill_chunk)
+        self.engine = Engine(model, tokenizer, prefill_chunk=prefill_chunk, compile=compile)
         self.chat_format = ChatFormat(tokenizer)
 
     @property
@@ -74,11 +74,14 @@ class LLM:
 
 
 def load(path_or_preset: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-         seed: int = 0, prefill_chunk: int = 512) -> LLM:
-    """An HF model directory, or a preset name (random weights: for tests and smoke runs only)."""
+         seed: int = 0, prefill_chunk: int = 512, compile: bool = False) -> LLM:
+    """An HF model directory, or a preset name (random weights: for tests and smoke runs only).
+
+    compile: decode through torch.compile (CUDA graphs on GPU): faster per token after a one-off compilation."""
     path = Path(path_or_preset)
     if path.exists():
-        return LLM(load_checkpoint(path, dtype=dtype, device=device), Tokenizer.for_model(path), prefill_chunk)
+        return LLM(load_checkpoint(path, dtype=dtype, device=device), Tokenizer.for_model(path), prefill_chunk,
+                   compile)
     if str(path_or_preset).lower() not in PRESETS:
         raise FileNotFoundError(f"{path_or_preset!r} is neither a model directory nor a preset ({', '.join(PRESETS)})")
     warnings.warn(f"herd.load({path_or_preset!r}): a preset has random weights", stacklevel=2)
@@ -89,7 +92,7 @@ def load(path_or_preset: str | Path, dtype: str | torch.dtype | None = None, dev
         model = Transformer(preset(str(path_or_preset)))
     if dtype is not None:
         model = model.to(parse_dtype(dtype))
-    return LLM(model, Tokenizer.load(), prefill_chunk)
+    return LLM(model, Tokenizer.load(), prefill_chunk, compile)
 
 
 class TextGenerationPipeline:
@@ -123,6 +126,6 @@ class TextGenerationPipeline:
 def pipeline(task: str, model: LLM | str | Path, **kw: Any) -> TextGenerationPipeline:
     if task != "text-generation":
         raise ValueError(f"herd.pipeline supports 'text-generation', not {task!r}")
-    load_keys = {"dtype", "device", "prefill_chunk"}
+    load_keys = {"dtype", "device", "prefill_chunk", "compile"}
     llm = model if isinstance(model, LLM) else load(model, **{k: kw.pop(k) for k in list(kw) if k in load_keys})
     return TextGenerationPipeline(llm, **kw)

@@ -42,7 +42,7 @@ def _params(args: argparse.Namespace):
 def _load(args: argparse.Namespace):
     from herd.api import load
 
-    return load(args.model_dir, dtype=args.dtype, device=args.device)
+    return load(args.model_dir, dtype=args.dtype, device=args.device, compile=args.compile)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -116,6 +116,8 @@ def _add_model_args(s: argparse.ArgumentParser, dtype_default: str | None = None
     s.add_argument("model_dir", help="HF model directory (or a preset name: random weights)")
     s.add_argument("--dtype", default=dtype_default, help="bf16 | fp32 (default: as stored)")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (CUDA graphs on GPU): faster after a one-off compilation")
 
 
 def _add_sampling_args(s: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -114,3 +114,9 @@ def test_quantize_command_writes_a_loadable_directory(capsys, tiny_dir, tmp_path
     model = checkpoint.load(out)
     assert any(p.dtype == torch.int8 for p in model.parameters())
     assert main(["quantize", str(tmp_path / "missing"), str(tmp_path / "x"), "--scheme", "int4"]) == 2
+
+
+def test_bench_json_with_compile(capsys, tiny_dir):
+    out = _json(capsys, ["bench", str(tiny_dir), "--prompt-len", "8", "--new-tokens", "4", "--batch", "2",
+                         "--json", "--compile"])
+    assert out["batch"] == 2 and out["decode_tok_s"] > 0 and out["prefill_tok_s"] > 0 and out["peak_rss_mb"] > 0
