@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import herd_from_hf, hf_text_model  # noqa: E402  (same weights in both implementations)
 
 from herd.config import preset  # noqa: E402
-from machine import describe  # noqa: E402
+from report import append_results, describe  # noqa: E402
 
 # a small Scout-shaped MoE: every layer MoE, 16 experts top-1, chunked local + NoPE global layers
 CONFIG = preset("tiny").replace(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64,
@@ -80,13 +80,8 @@ def main() -> None:
                     for r in rows)
     print(head + table)
     if args.write:
-        results = Path(__file__).with_name("RESULTS.md")
-        if not results.exists():
-            results.write_text("# Benchmark results\n\nEach section: one command, one machine, one date. Ratios are "
-                               "against an anchor measured in the same run.\n\n")
-        with results.open("a") as f:
-            f.write(f"Command: `python benchmarks/forward.py --tokens {args.tokens} --device {args.device} "
-                    f"--repeats {args.repeats} --write`\n\n" + head + table + "\n")
+        append_results(f"Command: `python benchmarks/forward.py --tokens {args.tokens} --device {args.device} "
+                       f"--repeats {args.repeats} --write`\n\n" + head + table)
 
 
 if __name__ == "__main__":

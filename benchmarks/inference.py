@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import configs  # noqa: E402
 import llamacpp  # noqa: E402
-from machine import describe  # noqa: E402
+from report import append_results, describe  # noqa: E402
 
 from herd import checkpoint  # noqa: E402
 from herd.infer.bench import bench  # noqa: E402
@@ -142,8 +142,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.write:
-        with Path(__file__).with_name("RESULTS.md").open("a") as f:
-            f.write(table + "\n")
+        append_results(table)
 
 
 def _f(v: float | None, fmt: str = "{:.1f}") -> str:

@@ -31,7 +31,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from machine import cpu_name
+from report import cpu_name
 
 BENCH_DIR = Path(__file__).resolve().parent
 CACHE = BENCH_DIR / ".cache"

@@ -29,7 +29,7 @@ from herd.config import preset  # noqa: E402
 from herd.eval.quant_quality import logit_kl, perplexity  # noqa: E402
 from herd.infer.quantize import model_bytes, quantize  # noqa: E402
 from herd.model import Transformer  # noqa: E402
-from machine import describe  # noqa: E402
+from report import append_results, describe  # noqa: E402
 
 # bytes as tokens; MoE on layers 1, 3, 5 (8 experts, top-1) and dense FFN on 0, 2, 4, as Maverick alternates
 CONFIG = preset("tiny-interleaved").replace(vocab_size=256, dim=128, n_layers=6, n_heads=4, n_kv_heads=2,
@@ -124,14 +124,8 @@ def main() -> None:
                     for r in rows)
     print(head + table)
     if args.write:
-        results = Path(__file__).with_name("RESULTS.md")
-        if not results.exists():
-            results.write_text("# Benchmark results\n\nEach section: one command, one machine, one date.\n\n")
-        text = results.read_text()
-        sep = "" if text.endswith("\n\n") else "\n" if text.endswith("\n") else "\n\n"  # one blank line before
-        with results.open("a") as f:
-            f.write(sep + f"Command: `python benchmarks/quant_quality.py --steps {args.steps} --batch {args.batch} "
-                    f"--eval-seqs {args.eval_seqs} --write`\n\n" + head + table + "\n")
+        append_results(f"Command: `python benchmarks/quant_quality.py --steps {args.steps} --batch {args.batch} "
+                       f"--eval-seqs {args.eval_seqs} --write`\n\n" + head + table)
 
 
 if __name__ == "__main__":

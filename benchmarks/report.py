@@ -1,0 +1,36 @@
+"""What a benchmark ran on, and how its section lands in benchmarks/RESULTS.md."""
+
+import platform
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+_HEADER = ("# Benchmark results\n\nEach section: one command, one machine, one date. Ratios are against an anchor "
+           "measured in the same run.\n\n")
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(device: str = "cpu") -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def append_results(section: str) -> None:
+    """Append ``section`` to RESULTS.md (created with its header if missing), one blank line before it."""
+    if not RESULTS.exists():
+        RESULTS.write_text(_HEADER)
+    text = RESULTS.read_text()
+    sep = "" if text.endswith("\n\n") else "\n" if text.endswith("\n") else "\n\n"
+    with RESULTS.open("a") as f:
+        f.write(sep + section.rstrip("\n") + "\n")
