@@ -184,9 +184,3 @@ class Engine:
             delta = row.delta()
             if delta:
                 yield delta
-
-    def stream_ids(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[int]:
-        """Generated token ids one at a time."""
-        for (row,) in self._steps([prompt], params or SamplingParams()):
-            if row.ids:
-                yield row.ids[-1]
