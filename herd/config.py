@@ -27,13 +27,16 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """The vision tower's shape (MetaCLIP-style ViT + pixel-shuffle adapter). Used from the multimodal issue on;
-    carried here so that configs round-trip and ``herd info`` can count its parameters."""
+    """The vision tower's shape (MetaCLIP-style ViT + pixel-shuffle adapter), herd.model.vision.
+
+    Defaults are the published Scout/Maverick ``vision_config``. transformers hard-codes the activations (exact
+    GELU), the projector without bias and the feature choice (last layer, CLS dropped); the fields that name them
+    are carried for the round trip and other values are rejected rather than silently ignored."""
 
     dim: int = 1408
     n_layers: int = 34
     n_heads: int = 16
-    hidden_dim: int = 5632
+    hidden_dim: int = 5632  # ViT MLP width; transformers also sizes the adapter's fc1 input from it
     image_size: int = 336
     patch_size: int = 14
     n_channels: int = 3
@@ -44,13 +47,41 @@ class VisionConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     hidden_act: str = "gelu"
+    attention_dropout: float = 0.0
+    projector_dropout: float = 0.0
+    multi_modal_projector_bias: bool = False
+    vision_feature_layer: int = -1
+    vision_feature_select_strategy: str = "default"
+    init_std: float = 0.02
 
     def __post_init__(self) -> None:
         _check_positive(self, "vision_config", ("dim", "n_layers", "n_heads", "hidden_dim", "image_size", "patch_size"))
         if self.dim % self.n_heads:
             raise ConfigError(f"vision_config.num_attention_heads={self.n_heads} does not divide hidden_size={self.dim}")
+        if (self.dim // self.n_heads) % 4:
+            raise ConfigError(f"vision_config: head dim hidden_size/num_attention_heads={self.dim // self.n_heads} "
+                              f"must be a multiple of 4 for the 2-D RoPE (half the pairs rotate by x, half by y)")
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision_config.patch_size={self.patch_size} does not divide image_size={self.image_size}")
+        r = self.pixel_shuffle_ratio
+        if not 0 < r <= 1 or (self.grid_size * r) % 1 or (self.dim / r**2) % 1:
+            raise ConfigError(f"vision_config.pixel_shuffle_ratio={r} must shrink the {self.grid_size}-patch grid "
+                              f"side and widen hidden_size={self.dim} to whole numbers")
+        for key, want in (("hidden_act", "gelu"), ("multi_modal_projector_bias", False), ("vision_feature_layer", -1),
+                          ("vision_feature_select_strategy", "default")):  # herd field name == HF key
+            if getattr(self, key) != want:
+                raise ConfigError(f"vision_config.{key}={getattr(self, key)!r} is not supported (Llama 4 and "
+                                  f"transformers use {want!r} whatever the config says)")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of a tile (336 / 14 = 24)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """``<|patch|>`` tokens (projected features) per tile after the pixel shuffle (24 * 24 * 0.5**2 = 144)."""
+        return round(self.grid_size * self.pixel_shuffle_ratio) ** 2
 
 
 @dataclass(frozen=True)
@@ -208,7 +239,10 @@ _VISION_KEYS = [
     ("n_channels", "num_channels"), ("pixel_shuffle_ratio", "pixel_shuffle_ratio"),
     ("projector_input_dim", "projector_input_dim"), ("projector_output_dim", "projector_output_dim"),
     ("vision_output_dim", "vision_output_dim"), ("norm_eps", "norm_eps"), ("rope_theta", "rope_theta"),
-    ("hidden_act", "hidden_act"),
+    ("hidden_act", "hidden_act"), ("attention_dropout", "attention_dropout"),
+    ("projector_dropout", "projector_dropout"), ("multi_modal_projector_bias", "multi_modal_projector_bias"),
+    ("vision_feature_layer", "vision_feature_layer"),
+    ("vision_feature_select_strategy", "vision_feature_select_strategy"), ("init_std", "initializer_range"),
 ]
 _HF_NAME = {("text_config", f): k for f, k in _TEXT_KEYS} | {("vision_config", f): k for f, k in _VISION_KEYS}
 # Keys that HF writes but that do not change the model's function (training knobs, bookkeeping, dtype).
@@ -286,7 +320,11 @@ def from_hf_dict(d: dict, strict: bool = True) -> ModelConfig:
         if k in d:
             kw[f] = d[k]
     if vision is not None:
-        kw["vision"] = VisionConfig(**_read_section(vision, _VISION_KEYS, "vision_config", strict))
+        vkw = _read_section(vision, _VISION_KEYS, "vision_config", strict)
+        theta = (vision.get("rope_parameters") or {}).get("rope_theta")  # where transformers 5 writes it
+        if "rope_theta" not in vkw and theta is not None:
+            vkw["rope_theta"] = float(theta)
+        kw["vision"] = VisionConfig(**vkw)
     try:
         return ModelConfig(**kw)
     except TypeError as e:  # a value of the wrong type reaching a check

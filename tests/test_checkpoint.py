@@ -48,7 +48,7 @@ def test_multimodal_checkpoint_loads_text_model(tmp_model_dir):
     """A Llama4ForConditionalGeneration checkpoint (language_model.* + vision tensors) loads the decoder."""
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
-    cfg = small_config(vision=VisionConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, image_size=56,
+    cfg = small_config(vision=VisionConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=128, image_size=56,
                                            patch_size=14, projector_input_dim=32, projector_output_dim=32,
                                            vision_output_dim=32))
     d = to_hf_dict(cfg)
