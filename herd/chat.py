@@ -1,8 +1,16 @@
 """Llama 4 chat prompt format over plain-dict messages, id-for-id equal to llama-models' ChatFormat.
 
 A message is {"role": "system"|"user"|"assistant"|"tool"|"ipython", "content": str | [part, ...],
-"tool_calls": [{"name": ..., "arguments": {...}}, ...]}; parts are {"type": "text", "text": ...}
-and {"type": "image", "tiles": (rows, cols)}.
+"tool_calls": [{"name": ..., "arguments": {...}}, ...]}; parts are {"type": "text", "text": ...} and images.
+
+Image parts, as in transformers' chat messages:
+  {"type": "image", "path": "cat.png"}          a local file
+  {"type": "image", "url": "data:image/png;base64,..."}   a data URL or local path (remote URLs are refused)
+  {"type": "image", "image": <PIL image, uint8 array or tensor, or encoded bytes>}
+  {"type": "image", "tiles": (rows, cols)}      layout only: placeholders for an already tiled image
+  {"type": "video", "frames": [image, ...]}     each frame is laid out as one image, in order: Llama 4 has no
+                                                video tokens (frames take anything the "image" key does)
+encode_dialog takes only the layout-only form; encode_dialog_with_images loads and tiles the others.
 """
 
 from __future__ import annotations
@@ -10,10 +18,15 @@ from __future__ import annotations
 import ast
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from herd.errors import HerdError
 from herd.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from herd.images import ImageConfig, ProcessedImage
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython", "ipython": "ipython"}
 # Llama 3.1-era builtin tools: the model calls them as `name.call(query="...")`, not as JSON.
@@ -21,6 +34,7 @@ QUERY_TOOLS = ("brave_search", "wolfram_alpha", "photogen")
 TOOL_FORMATS = ("json", "function_tag", "python_list")
 # 336px tiles, 14px patches -> 24x24 patches, pixel shuffle 0.5 merges 2x2 -> 144 tokens per tile.
 PATCHES_PER_TILE = 144
+IMAGE_SOURCES = ("path", "url", "image")  # where an image part's pixels come from; "tiles" is layout only
 
 
 def image_token_ids(tokenizer: Tokenizer, rows: int, cols: int, patches_per_tile: int = PATCHES_PER_TILE) -> list[int]:
@@ -115,11 +129,16 @@ class ChatFormat:
                 ids += self.tokenizer.encode(part)
             elif part.get("type") == "text":
                 ids += self.tokenizer.encode(part["text"])
-            elif part.get("type") == "image":
-                if "tiles" not in part:
-                    raise HerdError("image part needs 'tiles': (rows, cols); images are not preprocessed here")
+            elif part.get("type") == "image" and "tiles" in part:
                 rows, cols = part["tiles"]
                 ids += image_token_ids(self.tokenizer, rows, cols, self.patches_per_tile)
+            elif part.get("type") in ("image", "video"):
+                # Pixels would be dropped here and the vision features would have nowhere to go.
+                if part.get("type") == "video" or any(k in part for k in IMAGE_SOURCES):
+                    raise HerdError(f"{part['type']} parts with pixels need ChatFormat.encode_dialog_with_images, "
+                                    "which tiles them and returns the pixels; encode_dialog takes 'tiles' only")
+                raise HerdError(f"image part needs one of {', '.join(map(repr, IMAGE_SOURCES))} "
+                                f"or 'tiles': (rows, cols); got keys {sorted(part)}")
             else:
                 raise HerdError(f"unknown content part type {part.get('type')!r}")
         return ids
@@ -144,6 +163,64 @@ class ChatFormat:
         if add_generation_prompt:
             ids += self.encode_header("assistant")
         return ids
+
+    def encode_dialog_with_images(self, messages: list[dict], add_generation_prompt: bool = True,
+                                  image_config: ImageConfig | None = None, dtype: torch.dtype = torch.float32,
+                                  ) -> tuple[list[int], list[ProcessedImage]]:
+        """Prompt ids and the processed images, for messages whose image/video parts carry pixels.
+
+        images[k] belongs to the k-th <|image_start|>..<|image_end|> span of the ids, and its pixel_values
+        rows (tiles in reading order, then the thumbnail) map in order onto that span's <|patch|> runs, so
+        a model can scatter the vision features into the <|patch|> positions. Errors name the part that
+        failed as messages[i].content[j] (0-based, .frames[k] for a video frame).
+        dtype=torch.bfloat16 gives transformers' Llama4ImageProcessor pixels bit for bit.
+        """
+        from herd.images import ImageConfig, ImageError, load_image, tile_image  # torchvision: ~1 s, load late
+
+        cfg = image_config or ImageConfig()
+        images: list[ProcessedImage] = []
+        laid_out = []  # copies of the messages with each image replaced by its tile layout
+        for i, message in enumerate(messages):
+            content = message.get("content")
+            if not isinstance(content, (list, dict)):
+                laid_out.append(message)
+                continue
+            parts = []
+            for j, part in enumerate([content] if isinstance(content, dict) else content):
+                sources = _pixel_sources(part, f"messages[{i}].content[{j}]")
+                if sources is None:
+                    parts.append(part)
+                    continue
+                for where, source in sources:
+                    try:
+                        image = tile_image(load_image(source), cfg, dtype)
+                    except ImageError as e:
+                        raise ImageError(f"{where}: {e}") from None
+                    images.append(image)
+                    parts.append({"type": "image", "tiles": image.aspect_ratio})
+            laid_out.append({**message, "content": parts})
+        return self.encode_dialog(laid_out, add_generation_prompt), images
+
+
+def _pixel_sources(part: Any, where: str) -> list[tuple[str, Any]] | None:
+    """[(where, image input), ...] for an image or video part, None for any other part."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "video":
+        frames = part.get("frames")
+        if not isinstance(frames, (list, tuple)) or not frames:
+            raise HerdError(f"{where}: a video part needs 'frames': a non-empty list of images")
+        return [(f"{where}.frames[{k}]", frame) for k, frame in enumerate(frames)]
+    if kind != "image":
+        return None
+    given = [k for k in (*IMAGE_SOURCES, "tiles") if k in part]
+    # A layout-only part has no pixels: the returned images would no longer line up with the image spans.
+    if given == ["tiles"]:
+        raise HerdError(f"{where}: a 'tiles' image part has no pixels; give 'path', 'url' or 'image' here, "
+                        "or use encode_dialog for a layout-only prompt")
+    if len(given) != 1:
+        raise HerdError(f"{where}: an image part needs exactly one of {', '.join(map(repr, IMAGE_SOURCES))}; "
+                        f"got keys {sorted(part)}")
+    return [(where, part[given[0]])]
 
 
 _HEADER = "<|header_start|>assistant<|header_end|>\n\n"

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from herd.errors import ConfigError, HerdError
@@ -85,6 +85,9 @@ def _describe(x: Any, index: int | None) -> str:
 def _decode(data: bytes, name: str) -> Image.Image:
     if not data:
         raise ImageError(f"{name}: empty, no image data")
+    # llama-models' preprocess module sets Pillow's global LOAD_TRUNCATED_IMAGES on import, which would turn a
+    # truncated file into an image padded with black; a truncated upload must be an error here.
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         img = Image.open(io.BytesIO(data))
         img.load()  # open() only reads the header: truncated pixel data shows up here
@@ -93,6 +96,8 @@ def _decode(data: bytes, name: str) -> Image.Image:
         raise ImageError(f"{name}: not an image, or a format Pillow cannot read") from None
     except Exception as e:  # Pillow's decoders fail on bad data with many types (OSError, SyntaxError, struct.error...)
         raise ImageError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 def _from_array(a: np.ndarray, name: str) -> Image.Image:

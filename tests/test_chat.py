@@ -155,23 +155,26 @@ def _png(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("size,multi", [((200, 150), False), ((700, 400), True)])
-def test_image_matches_llama_models(tok, ref, size, multi):
-    from PIL import Image
-
-    png = _png(*size)
-    # Ask the reference which tile grid it picks; herd gets the same grid from its (future) preprocessor.
-    _, grid = ref.dynamic_image_transform(Image.open(io.BytesIO(png)).convert("RGB"), max_num_chunks=16)
-    assert (grid[0] * grid[1] > 1) == multi
-    ref_msg = RawMessage(role="user", content=[RawTextItem(text="Describe:"), RawMediaItem(data=png),
-                                               RawTextItem(text="Thanks")])
-    expected = ref.encode_dialog_prompt([ref_msg]).tokens
-    msg = {"role": "user", "content": [{"type": "text", "text": "Describe:"}, {"type": "image", "tiles": grid},
-                                       {"type": "text", "text": "Thanks"}]}
-    ids = ChatFormat(tok).encode_dialog([msg])
-    assert ids == expected
-    n_tiles = grid[0] * grid[1] + (1 if multi else 0)  # + global thumbnail
-    assert ids.count(tok.token_id("<|patch|>")) == 144 * n_tiles
+# (width, height) of each image -> the tile grid (rows, cols) both sides must pick
+@pytest.mark.parametrize("sizes,grids", [([(200, 150)], [(1, 1)]), ([(700, 400)], [(2, 3)]),
+                                         ([(300, 300), (700, 1000)], [(1, 1), (3, 3)])], ids=str)
+def test_image_matches_llama_models(tok, ref, sizes, grids):
+    pngs = [_png(*size) for size in sizes]
+    ref_parts, parts = [RawTextItem(text="Describe:")], [{"type": "text", "text": "Describe:"}]
+    for png in pngs:
+        ref_parts += [RawMediaItem(data=png), RawTextItem(text="and")]
+        parts += [{"type": "image", "image": png}, {"type": "text", "text": "and"}]
+    expected = ref.encode_dialog_prompt([RawMessage(role="user", content=ref_parts)])
+    # herd picks each tile grid itself; llama-models, with its own resize code, must agree.
+    ids, images = ChatFormat(tok).encode_dialog_with_images([{"role": "user", "content": parts}])
+    assert [im.aspect_ratio for im in images] == grids
+    assert ids == expected.tokens
+    assert [im.pixel_values.shape for im in images] == [t.shape for t in expected.images]
+    assert ids.count(tok.token_id("<|patch|>")) == 144 * sum(len(im.pixel_values) for im in images)
+    # The layout-only form of the same prompt gives the same ids.
+    it = iter(images)
+    layout = [{"type": "image", "tiles": next(it).aspect_ratio} if p["type"] == "image" else p for p in parts]
+    assert ChatFormat(tok).encode_dialog([{"role": "user", "content": layout}]) == ids
 
 
 @pytest.mark.parametrize("grid", [(1, 1), (1, 2), (2, 3), (4, 1)])

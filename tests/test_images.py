@@ -223,7 +223,11 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_input_raises_image_error_naming_it(case, tmp_path):
+def test_bad_input_raises_image_error_naming_it(case, tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    # importing llama-models' preprocess turns this global on; truncated images must still be errors
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     x, name = BAD[case](tmp_path)
     with pytest.raises(ImageError) as info:
         load_image(x)
