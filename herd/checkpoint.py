@@ -24,6 +24,7 @@ from tqdm import tqdm
 from herd.config import load_config, to_hf_dict
 from herd.errors import CheckpointError
 from herd.model import Transformer
+from herd.model.moe import Experts
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -56,6 +57,13 @@ def hf_to_herd(name: str) -> str | None:
         if name.startswith(prefix):
             return name[len(prefix):]
     return None
+
+
+def transposed_in_hf(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` is stored transposed in HF files: routed experts are in x out there
+    (gate_up_proj [E, D, 2F], down_proj [E, F, D]) and out x in in herd (herd.model.moe.Experts)."""
+    module_name, _, leaf = name.rpartition(".")
+    return leaf in ("gate_up_proj", "down_proj") and isinstance(model.get_submodule(module_name), Experts)
 
 
 def herd_to_hf(name: str, multimodal: bool = False) -> str:
@@ -172,9 +180,14 @@ def fill(model: Transformer, directory: Path, dtype: torch.dtype | None, device:
                 continue
             raise CheckpointError(f"unexpected tensor {hf_name} in {file} (config.json has no such parameter)")
         param = expected[name]
-        if tuple(tensor.shape) != tuple(param.shape):
+        want = param.shape
+        if transposed_in_hf(model, name):
+            want = (want[0], want[2], want[1])
+        if tuple(tensor.shape) != tuple(want):
             raise CheckpointError(f"tensor {hf_name} in {file} has shape {tuple(tensor.shape)}, "
-                                  f"the config expects {tuple(param.shape)}")
+                                  f"the config expects {tuple(want)}")
+        if transposed_in_hf(model, name):
+            tensor = tensor.transpose(1, 2)
         if target_dtype is None:
             target = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
         else:
@@ -182,7 +195,7 @@ def fill(model: Transformer, directory: Path, dtype: torch.dtype | None, device:
                 target = target_dtype(name, hf_name, tensor)
             except ValueError as e:
                 raise CheckpointError(f"tensor {hf_name} in {file} {e}") from None
-        _assign(model, name, tensor.to(device=device, dtype=target))
+        _assign(model, name, tensor.to(device=device, dtype=target, memory_format=torch.contiguous_format))
         loaded.add(name)
     loaded |= set(filled)
     if cfg.tie_embeddings:
@@ -209,7 +222,7 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
     dtype = parse_dtype(dtype)
     tensors = {}
     for name, p in model.named_parameters():  # named_parameters skips the tied lm_head, as HF expects
-        t = p.detach()
+        t = p.detach().transpose(1, 2) if transposed_in_hf(model, name) else p.detach()
         tensors[herd_to_hf(name)] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
     return write_dir(directory, tensors, to_hf_dict(model.cfg, text_only=True), max_shard_bytes)
 

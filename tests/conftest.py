@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from herd.checkpoint import hf_to_herd
+from herd.checkpoint import hf_to_herd, transposed_in_hf
 from herd.config import ModelConfig, RopeScaling, preset, to_hf_dict
 from herd.model import Transformer
 
@@ -38,6 +38,7 @@ def hf_text_model(cfg: ModelConfig, seed: int = 0):
 def herd_from_hf(hf_model, cfg: ModelConfig) -> Transformer:
     model = Transformer(cfg).eval()
     state = {hf_to_herd(k): v for k, v in hf_model.state_dict().items()}
+    state = {k: v.transpose(1, 2) if transposed_in_hf(model, k) else v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     return model
 

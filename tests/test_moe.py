@@ -14,9 +14,9 @@ def _dense_reference(m: MoE, x_TD: torch.Tensor) -> torch.Tensor:
     scores = torch.full_like(logits, float("-inf")).scatter(1, idx, top).sigmoid()  # [T, E]
     out = m.shared_expert(x_TD)
     for e in range(m.n_experts):
-        h = (x_TD * scores[:, e:e + 1]) @ m.experts.gate_up_proj[e]
+        h = (x_TD * scores[:, e:e + 1]) @ m.experts.gate_up_proj[e].T
         gate, up = h.chunk(2, dim=-1)
-        out = out + (torch.nn.functional.silu(gate) * up) @ m.experts.down_proj[e]
+        out = out + (torch.nn.functional.silu(gate) * up) @ m.experts.down_proj[e].T
     return out
 
 
@@ -48,13 +48,17 @@ def test_rows_fed_to_experts_equal_tokens_times_top_k(monkeypatch):
 
 def test_grouped_mm_fallback_matches(monkeypatch):
     x = torch.randn(10, 8)
-    w = torch.randn(4, 8, 12)
+    w = torch.randn(4, 12, 8)  # out x in
     offsets = torch.tensor([3, 3, 7, 10], dtype=torch.int32)
     fast = moe_module.grouped_mm(x, w, offsets)
     monkeypatch.setattr(moe_module, "_HAS_GROUPED_MM", False)
     slow = moe_module.grouped_mm(x, w, offsets)
-    ref = torch.cat([x[:3] @ w[0], x[3:7] @ w[2], x[7:] @ w[3]])
-    assert torch.allclose(fast, ref, atol=1e-5) and torch.allclose(slow, ref, atol=1e-5)
+    ref = torch.cat([x[:3] @ w[0].T, x[3:7] @ w[2].T, x[7:] @ w[3].T])
+    expert_N = torch.tensor([0, 0, 0, 2, 2, 2, 2, 3, 3, 3])
+    few, many = moe_module.per_row_mm(x[:3], w, expert_N[:3]), moe_module.per_row_mm(x, w, expert_N)
+    for got in (fast, slow, many):
+        assert torch.allclose(got, ref, atol=1e-5)
+    assert torch.allclose(few, ref[:3], atol=1e-5)
 
 
 def test_moe_backward_flows_to_experts_and_router_inputs():

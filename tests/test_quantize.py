@@ -94,8 +94,8 @@ def test_quantized_experts_equal_experts_with_dequantized_weights(scheme):
     q = Q.QuantExperts.from_experts(experts, scheme)
     ref = Experts(4, 64, 96)
     with torch.no_grad():
-        ref.gate_up_proj.copy_(Q.dequantize_weight(q.gate_up_proj, q.gate_up_proj_scale, scheme, torch.float32).mT)
-        ref.down_proj.copy_(Q.dequantize_weight(q.down_proj, q.down_proj_scale, scheme, torch.float32).mT)
+        ref.gate_up_proj.copy_(Q.dequantize_weight(q.gate_up_proj, q.gate_up_proj_scale, scheme, torch.float32))
+        ref.down_proj.copy_(Q.dequantize_weight(q.down_proj, q.down_proj_scale, scheme, torch.float32))
         x = torch.randn(20, 64)
         if scheme == "int4_weight_int8_dynamic_activation":
             x = Q.fake_quantize_per_token_int8(x)  # what the scheme does to every input
@@ -199,7 +199,7 @@ def test_maverick_style_fp8_directory_loads(bf16, tmp_path):
         exp = q.layers[layer].feed_forward.experts
         for k in [k for k in tensors if k.startswith(prefix + ".")]:
             del tensors[k]
-        tensors[prefix + ".gate_up_proj"], tensors[prefix + ".down_proj"] = exp.gate_up_proj, exp.down_proj
+        tensors[prefix + ".gate_up_proj"], tensors[prefix + ".down_proj"] = exp.gate_up_proj.mT, exp.down_proj.mT
     tensors = {("language_model." + k): v.contiguous() for k, v in tensors.items()}
     save_file(tensors, tmp_path / "q" / checkpoint.SINGLE_FILE, metadata={"format": "pt"})
     loaded = checkpoint.load(tmp_path / "q")

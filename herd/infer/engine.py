@@ -80,6 +80,14 @@ class _StaticStep:
         pass
 
 
+# Inductor options for the CPU decode step (measured on small bf16: together +25% tok/s, benchmarks/RESULTS.md).
+# Materialise small intermediates (a normed hidden state, a scaled expert input) instead of recomputing them
+# inside every matvec loop that reads them: at one row the recomputation is per weight row, which made the
+# LM head compute-bound. A C++ wrapper calls the ~100 kernels of a step without Python in between.
+_CPU_DECODE_OPTIONS = {"realize_cpu_opcount_threshold": 4, "realize_cpu_acc_reads_threshold": 2,
+                       "realize_reads_threshold": 1, "cpp_wrapper": True}
+
+
 class Engine:
     """``compile=True`` runs decode steps through torch.compile (CUDA graphs on GPU): the first steps of each
     new batch size / cache length pay for compilation."""
@@ -93,8 +101,10 @@ class Engine:
         if compile:
             if self.device.type == "cpu":
                 use_matvec(model)  # bandwidth-bound GEMVs as fused loops (herd.infer.matvec)
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._compiled = torch.compile(self._static_decode, mode=mode, dynamic=False)
+            if self.device.type == "cuda":
+                self._compiled = torch.compile(self._static_decode, mode="reduce-overhead", dynamic=False)
+            else:
+                self._compiled = torch.compile(self._static_decode, dynamic=False, options=_CPU_DECODE_OPTIONS)
 
     def _static_decode(self, ids_B1: torch.Tensor, positions_B1: torch.Tensor, step: _StaticStep) -> torch.Tensor:
         return self.model(ids_B1, positions=positions_B1, cache=step, last_only=True)

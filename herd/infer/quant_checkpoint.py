@@ -62,7 +62,7 @@ def _unfused_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, (Experts, QuantExperts)):
-            F_ = m.hidden_dim if isinstance(m, QuantExperts) else m.down_proj.shape[1]
+            F_ = m.hidden_dim if isinstance(m, QuantExperts) else m.down_proj.shape[2]
             for e in range(m.gate_up_proj.shape[0]):
                 prefix = checkpoint.herd_to_hf(f"{name}.{e}")
                 if isinstance(m, QuantExperts):  # clones: safetensors refuses tensors sharing storage
@@ -73,9 +73,9 @@ def _unfused_tensors(model: Transformer) -> dict[str, torch.Tensor]:
                         out[f"{prefix}.{proj}.weight_scale"] = s.detach().clone()
                 else:
                     gu, d = m.gate_up_proj[e].detach(), m.down_proj[e].detach()
-                    out[f"{prefix}.gate_proj.weight"] = gu[:, :F_].T.contiguous()
-                    out[f"{prefix}.up_proj.weight"] = gu[:, F_:].T.contiguous()
-                    out[f"{prefix}.down_proj.weight"] = d.T.contiguous()
+                    out[f"{prefix}.gate_proj.weight"] = gu[:F_].clone()
+                    out[f"{prefix}.up_proj.weight"] = gu[F_:].clone()
+                    out[f"{prefix}.down_proj.weight"] = d.clone()
     for name, p in model.named_parameters():
         if ".experts." not in name:
             out[checkpoint.herd_to_hf(name)] = p.detach().contiguous()
@@ -290,11 +290,7 @@ class _UnfusedExperts:
             raise CheckpointError(f"tensor {hf_name} in {file} {err}") from None
         param = self.model.get_parameter(p_name)
         rows = {"gate": slice(0, F_), "up": slice(F_, 2 * F_), "down": slice(None)}[proj]
-        if isinstance(m, QuantExperts):  # stored out x in, like the file
-            dst = lambda full: full[e, rows]  # noqa: E731
-        else:  # herd's Experts are in x out
-            tensor = tensor.T
-            dst = (lambda full: full[e, :, rows]) if proj != "down" else (lambda full: full[e])  # noqa: E731
+        dst = lambda full: full[e, rows]  # noqa: E731  (herd's experts are out x in, like the file's Linears)
         want = tuple(dst(param).shape)
         if tuple(tensor.shape) != want:
             raise CheckpointError(f"tensor {hf_name} in {file} has shape {tuple(tensor.shape)}, "

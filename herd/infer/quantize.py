@@ -220,15 +220,15 @@ class QuantExperts(nn.Module):
 
     @classmethod
     def from_experts(cls, experts: Experts, scheme: str, group_size: int = 128) -> QuantExperts:
-        E, D, F2 = experts.gate_up_proj.shape
+        E, F2, D = experts.gate_up_proj.shape
         with torch.device("meta"):
             m = cls(E, D, F2 // 2, scheme, group_size)
         device = experts.gate_up_proj.device
-        for name, w_EKN in (("gate_up_proj", experts.gate_up_proj), ("down_proj", experts.down_proj)):
+        for name, w_ENK in (("gate_up_proj", experts.gate_up_proj), ("down_proj", experts.down_proj)):
             q = torch.empty(getattr(m, name).shape, dtype=_STORAGE[scheme], device=device)
             scale = torch.empty(getattr(m, name + "_scale").shape, device=device)
             for e in range(E):  # one expert at a time: an fp32 copy of a whole Maverick layer would be 40+ GB
-                q[e], scale[e] = quantize_weight(w_EKN[e].T, scheme, group_size)
+                q[e], scale[e] = quantize_weight(w_ENK[e], scheme, group_size)
             setattr(m, name, _frozen(q))
             setattr(m, name + "_scale", _frozen(scale))
         return m
@@ -308,7 +308,7 @@ def quantize(model: Transformer, scheme: str, group_size: int = 128, skip: Itera
     if _STORAGE[scheme] == torch.uint8:  # fail on an impossible group before half the model is converted
         for name in targets:
             m = model.get_submodule(name)
-            for k in ((m.gate_up_proj.shape[1], m.down_proj.shape[1]) if isinstance(m, Experts) else (m.in_features,)):
+            for k in ((m.gate_up_proj.shape[2], m.down_proj.shape[2]) if isinstance(m, Experts) else (m.in_features,)):
                 try:
                     int4_group(k, group_size)
                 except ValueError as e:

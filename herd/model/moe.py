@@ -17,29 +17,34 @@ _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 _FUSED_ROWS = 4  # up to this many rows a compiled expert product is a fused multiply+sum (decode)
 
 
-def grouped_mm(x_ND: torch.Tensor, w_EKM: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """Rows x[offsets[e-1]:offsets[e]] multiply w[e]. x [N, K] sorted by expert, w [E, K, M] -> [N, M]."""
-    if _HAS_GROUPED_MM and _grouped_kernel_ok(x_ND, w_EKM):
-        return torch._grouped_mm(x_ND, w_EKM, offs=offsets_E)
+def grouped_mm(x_ND: torch.Tensor, w_EMK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Rows x[offsets[e-1]:offsets[e]] multiply w[e].T. x [N, K] sorted by expert, w [E, M, K] (out x in) -> [N, M]."""
+    if _HAS_GROUPED_MM and _grouped_kernel_ok(x_ND, w_EMK):
+        return torch._grouped_mm(x_ND, w_EMK.transpose(-2, -1), offs=offsets_E)
     if torch.compiler.is_compiling():
-        # fixed shapes and no host sync inside a graph: each row multiplies its own expert's weights. A few rows
-        # (decode) as multiply + sum, which inductor turns into one loop streaming just those experts' weights;
-        # more rows as a batched matmul over gathered weights.
+        # fixed shapes and no host sync inside a graph: each row multiplies its own expert's weights, gathered
         expert_N = torch.searchsorted(offsets_E, torch.arange(x_ND.shape[0], device=x_ND.device), right=True)
-        if x_ND.shape[0] <= _FUSED_ROWS:
-            return (x_ND[:, :, None].float() * w_EKM[expert_N].float()).sum(1).to(x_ND.dtype)
-        return torch.bmm(x_ND[:, None, :], w_EKM[expert_N]).squeeze(1)
-    out, start = x_ND.new_empty(x_ND.shape[0], w_EKM.shape[-1]), 0
+        return per_row_mm(x_ND, w_EMK, expert_N)
+    out, start = x_ND.new_empty(x_ND.shape[0], w_EMK.shape[1]), 0
     for e, end in enumerate(offsets_E.tolist()):
         if end > start:
-            out[start:end] = x_ND[start:end] @ w_EKM[e]
+            out[start:end] = x_ND[start:end] @ w_EMK[e].T
         start = end
     return out
 
 
+def per_row_mm(x_ND: torch.Tensor, w_EMK: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
+    """Row n times w[expert[n]].T, for rows in any order. A few rows (decode) as multiply + sum over the
+    contiguous input dim, which inductor turns into one loop streaming just those experts' weights; more rows
+    as a batched matmul over gathered weights."""
+    if x_ND.shape[0] <= _FUSED_ROWS:
+        return (x_ND[:, None, :].float() * w_EMK[expert_N].float()).sum(-1).to(x_ND.dtype)
+    return torch.bmm(w_EMK[expert_N], x_ND[:, :, None]).squeeze(-1)
+
+
 def _grouped_kernel_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    # torch's grouped kernel wants equal dtypes and 16-byte aligned row strides; its CPU backward fails
-    # (torch 2.14), so training on CPU takes the loop
+    # torch's grouped kernel wants equal dtypes and 16-byte aligned rows; its CPU backward fails (torch 2.14), so
+    # training on CPU takes the loop
     size = x.element_size()
     if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False
@@ -47,7 +52,7 @@ def _grouped_kernel_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False  # the CUDA kernel is bf16-only
     if torch.compiler.is_compiling() and (x.dtype != torch.bfloat16 or (x.device.type == "cpu"
                                                                         and x.shape[0] <= _FUSED_ROWS)):
-        return False  # the op's tracing rule is bf16-only; for a few rows on CPU the fused loop below is faster
+        return False  # the op's tracing rule is bf16-only; for a few rows on CPU the fused loop is faster
     return (x.dtype == w.dtype and x.device.type in ("cpu", "cuda") and (x.shape[1] * size) % 16 == 0
             and (w.shape[-1] * size) % 16 == 0)
 
@@ -68,16 +73,23 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts stored as HF does: gate_up_proj [E, D, 2F] (gate | up), down_proj [E, F, D]."""
+    """E SwiGLU experts stored out x in, like nn.Linear: gate_up_proj [E, 2F, D] (gate rows, then up rows),
+    down_proj [E, D, F]. (HF stores the transposes; herd.checkpoint converts.) Out x in keeps each output's
+    weights contiguous, so a decode step streams them instead of walking columns a page apart."""
 
     def __init__(self, n_experts: int, dim: int, hidden_dim: int):
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden_dim))
-        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
 
     def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         gate, up = grouped_mm(x_ND, self.gate_up_proj, offsets_E).chunk(2, dim=-1)
         return grouped_mm(F.silu(gate) * up, self.down_proj, offsets_E)
+
+    def per_row(self, x_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
+        """Row n through expert[n]: no sorting, for the few rows of a compiled decode step."""
+        gate, up = per_row_mm(x_ND, self.gate_up_proj, expert_N).chunk(2, dim=-1)
+        return per_row_mm(F.silu(gate) * up, self.down_proj, expert_N)
 
 
 class MoE(nn.Module):
@@ -92,6 +104,13 @@ class MoE(nn.Module):
         """x [..., D] -> (out [..., D], router logits [tokens, E] for load-balancing losses)."""
         x_TD = x.reshape(-1, x.shape[-1])
         scores_TK, experts_TK, logits_TE = self.router(x_TD)
+        if (torch.compiler.is_compiling() and x.device.type == "cpu" and type(self.experts) is Experts
+                and experts_TK.numel() <= _FUSED_ROWS):
+            # decode: rows stay in (token, k) order, each gathers its own expert (sort, counts and offsets would
+            # be a chain of tiny ops costing more than the product itself)
+            rows_ND = x_TD.repeat_interleave(self.top_k, dim=0) * scores_TK.reshape(-1, 1)
+            routed_TKD = self.experts.per_row(rows_ND, experts_TK.flatten()).view(-1, self.top_k, x.shape[-1])
+            return (self.shared_expert(x_TD) + routed_TKD.sum(dim=1)).view_as(x), logits_TE
         # dispatch: one row per (token, chosen expert), grouped by expert
         flat_experts = experts_TK.flatten()
         order = torch.argsort(flat_experts, stable=True)
