@@ -32,7 +32,7 @@ SINGLE_FILE = "model.safetensors"
 # "model." in Llama4ForCausalLM and under "language_model.model." in Llama4ForConditionalGeneration.
 _TEXT_PREFIXES = ("language_model.model.", "model.")
 _HEAD_PREFIXES = ("language_model.", "")
-# Tensors of the vision tower: carried by multimodal checkpoints, used once herd has the vision model.
+# Tensors of the vision tower (Llama4ForConditionalGeneration): herd keeps them under its ``vision.`` module.
 _VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -49,7 +49,9 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def hf_to_herd(name: str) -> str | None:
-    """HF tensor name -> herd parameter name (None: not part of the text model)."""
+    """HF tensor name -> herd parameter name (None: not part of a Llama 4 model)."""
+    if name.startswith(_VISION_PREFIXES):
+        return "vision." + name
     for head in _HEAD_PREFIXES:
         if name.startswith(head + "lm_head."):  # lm_head.weight, and a quantized head's lm_head.weight_scale
             return name[len(head):]
@@ -67,6 +69,10 @@ def transposed_in_hf(model: nn.Module, name: str) -> bool:
 
 
 def herd_to_hf(name: str, multimodal: bool = False) -> str:
+    """herd name -> HF name, in Llama4ForConditionalGeneration's layout when ``multimodal`` (text under
+    ``language_model.``), else Llama4ForCausalLM's."""
+    if name.startswith("vision."):
+        return name.removeprefix("vision.")
     prefix = "language_model." if multimodal else ""
     return prefix + (name if name.startswith("lm_head.") else "model." + name)
 
@@ -122,24 +128,29 @@ def load_state_dict(directory: str | Path) -> Iterator[tuple[str, str, Path, tor
 
 
 def load(directory: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-         progress: bool | None = None, strict_config: bool = True) -> Transformer:
+         progress: bool | None = None, strict_config: bool = True, text_only: bool = False) -> Transformer:
     """Load an HF Llama 4 model directory (config.json + single or sharded safetensors) into a herd Transformer.
 
-    dtype: target dtype of floating tensors (None: as stored). Tensors of the vision tower are skipped until
-    herd's vision model exists; any other unknown, missing or mis-shaped tensor is an error naming it.
+    dtype: target dtype of floating tensors (None: as stored). A multimodal checkpoint loads with its vision
+    tower, unless ``text_only`` (its vision tensors are then skipped and the config loses its vision_config).
+    Any unknown, missing or mis-shaped tensor is an error naming it.
     A config.json with a ``quantization_config`` (herd's int8/int4 formats, compressed-tensors FP8 such as
     Llama-4-Maverick-FP8) loads the quantized model; ``dtype`` then applies to the tensors left unquantized."""
     directory = Path(directory)
     cfg = load_config(directory, strict=strict_config)
+    skip_vision = text_only and cfg.vision is not None
+    if skip_vision:
+        cfg = cfg.replace(vision=None)
     dtype, device = parse_dtype(dtype), torch.device(device)
     qconfig = quantization_config(directory)
     if qconfig is not None:
         from herd.infer.quant_checkpoint import load_quantized  # the formats live with the quantized modules
 
-        return load_quantized(directory, cfg, qconfig, dtype=dtype, device=device, progress=progress)
+        return load_quantized(directory, cfg, qconfig, dtype=dtype, device=device, progress=progress,
+                              skip_vision=skip_vision)
     with torch.device("meta"):
         model = Transformer(cfg)
-    fill(model, directory, dtype, device, progress)
+    fill(model, directory, dtype, device, progress, skip_vision=skip_vision)
     return model
 
 
@@ -158,12 +169,13 @@ ExtraTensor = Callable[[str, str, Path, torch.Tensor], bool]
 
 def fill(model: Transformer, directory: Path, dtype: torch.dtype | None, device: torch.device,
          progress: bool | None = None, target_dtype: Callable[[str, str, torch.Tensor], torch.dtype] | None = None,
-         extra: ExtraTensor | None = None, filled: Collection[str] = ()) -> None:
+         extra: ExtraTensor | None = None, filled: Collection[str] = (), skip_vision: bool = False) -> None:
     """Fill the meta-device ``model`` tensor by tensor from ``directory`` and check that nothing is missing.
 
     target_dtype(herd name, HF name, tensor) picks the stored dtype (default: ``dtype`` for floating tensors) and may
     raise ValueError to reject a tensor; ``extra`` is offered tensors that have no parameter of their own
-    name; ``filled``: parameters the caller (its ``extra``) has placed itself, read after the last tensor."""
+    name; ``filled``: parameters the caller (its ``extra``) has placed itself, read after the last tensor;
+    ``skip_vision``: ignore the vision tower's tensors (a text-only load of a multimodal checkpoint)."""
     cfg = model.cfg
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
@@ -171,10 +183,10 @@ def fill(model: Transformer, directory: Path, dtype: torch.dtype | None, device:
     show = progress if progress is not None else len(files) > 200
     for hf_name, name, file, tensor in tqdm(load_state_dict(directory), total=len(files), disable=not show,
                                             desc=f"loading {directory.name}", unit="tensor"):
+        if skip_vision and name is not None and name.startswith("vision."):
+            continue
         if name is None:
-            if hf_name.startswith(_VISION_PREFIXES) and cfg.vision is not None:
-                continue
-            raise CheckpointError(f"unexpected tensor {hf_name} in {file}: not part of a Llama 4 text model")
+            raise CheckpointError(f"unexpected tensor {hf_name} in {file}: not part of a Llama 4 model")
         if name not in expected:
             if extra is not None and extra(hf_name, name, file, tensor):
                 continue
@@ -204,7 +216,8 @@ def fill(model: Transformer, directory: Path, dtype: torch.dtype | None, device:
     missing = sorted(set(expected) - loaded)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"{directory}: missing tensor(s) {', '.join(herd_to_hf(m) for m in missing[:3])}{more}")
+        names = ", ".join(herd_to_hf(m, cfg.vision is not None) for m in missing[:3])
+        raise CheckpointError(f"{directory}: missing tensor(s) {names}{more}")
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -216,15 +229,17 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 # -- writing ----------------------------------------------------------------------------------------------------
 def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2**30,
          dtype: str | torch.dtype | None = None) -> Path:
-    """Write ``model`` as an HF ``Llama4ForCausalLM`` directory (config.json, safetensors shards, index).
+    """Write ``model`` as an HF directory (config.json, safetensors shards, index): ``Llama4ForCausalLM`` for a
+    text model, ``Llama4ForConditionalGeneration`` for one with a vision tower.
 
     The directory is built next to the target and renamed into place, replacing an older one only at the end."""
-    dtype = parse_dtype(dtype)
+    dtype, multimodal = parse_dtype(dtype), model.vision is not None
     tensors = {}
     for name, p in model.named_parameters():  # named_parameters skips the tied lm_head, as HF expects
         t = p.detach().transpose(1, 2) if transposed_in_hf(model, name) else p.detach()
-        tensors[herd_to_hf(name)] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
-    return write_dir(directory, tensors, to_hf_dict(model.cfg, text_only=True), max_shard_bytes)
+        tensors[herd_to_hf(name, multimodal)] = (t.to(dtype) if dtype is not None and t.is_floating_point()
+                                                 else t).contiguous()
+    return write_dir(directory, tensors, to_hf_dict(model.cfg, text_only=not multimodal), max_shard_bytes)
 
 
 def write_dir(directory: str | Path, tensors: dict[str, torch.Tensor], hf_config: dict,

@@ -257,6 +257,7 @@ _IGNORED = {
     "text_config", "vision_config", "quantization_config", "pruned_heads", "torchscript", "tf_legacy_loss",
     "use_bfloat16", "add_cross_attention", "finetuning_task", "task_specific_params", "sep_token_id",
     "decoder_start_token_id", "tie_encoder_decoder", "is_decoder", "cross_attention_hidden_size",
+    "pad_token_id",  # top level of multimodal configs (the text_config one is read)
 }
 
 
@@ -267,7 +268,8 @@ def _read_section(d: dict, table: list[tuple[str, str]], section: str, strict: b
         if unknown:
             raise ConfigError(f"unknown key {section}.{unknown[0]} in config.json (herd cannot honour it); "
                               f"pass strict=False to ignore unknown keys")
-    out = {f: d[k] for f, k in table if k in d and d[k] is not None}
+    # null means "use the default" for most keys, but a null pad_token_id means "no padding token"
+    out = {f: d[k] for f, k in table if k in d and (d[k] is not None or f == "pad_token_id")}
     for name in ("moe_layers", "rope_layers"):
         if name in out:
             out[name] = tuple(out[name])
@@ -347,7 +349,8 @@ def to_hf_dict(cfg: ModelConfig, text_only: bool | None = None) -> dict:
     return {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
             "text_config": text, "vision_config": vision, "tie_word_embeddings": cfg.tie_embeddings,
             "boi_token_index": cfg.boi_token_id, "eoi_token_index": cfg.eoi_token_id,
-            "image_token_index": cfg.image_token_id}
+            "image_token_index": cfg.image_token_id,
+            "pad_token_id": cfg.pad_token_id}  # else transformers assumes Llama 4's 200018, outside small vocabs
 
 
 def _jsonable(v: Any) -> Any:

@@ -3,8 +3,7 @@
 Counts come from the module tree built on the meta device (no memory), so they cannot drift from the model.
 "Active" parameters are those one token touches: everything except the routed experts it is not sent to
 (the usual convention: embeddings and the LM head count as active). The vision tower, when the config has one,
-is counted analytically from its config (its weights join the census when herd's vision model lands); it is
-in the total but not in the active count, which is per text token, as in Meta's "17B active".
+is in the total but not in the active count, which is per text token, as in Meta's "17B active".
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from herd.config import ModelConfig, VisionConfig
+from herd.config import ModelConfig
 from herd.model import Transformer
 
 GPU_BYTES = 80e9  # one H100 / A100-80GB
@@ -22,6 +21,8 @@ _FORMAT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5 + 2 / 128}
 
 
 def _component(name: str) -> str:
+    if name.startswith("vision."):
+        return "vision"
     if name.startswith("embed_tokens"):
         return "embedding"
     if name.startswith("lm_head"):
@@ -37,16 +38,6 @@ def _component(name: str) -> str:
     if ".feed_forward." in name:
         return "dense_ffn"
     return "norms"
-
-
-def vision_params(v: VisionConfig, text_dim: int) -> int:
-    """Parameters of the ViT, its pixel-shuffle adapter and the projector into the text width."""
-    d, h, patches = v.dim, v.hidden_dim, (v.image_size // v.patch_size) ** 2
-    embed = v.n_channels * v.patch_size**2 * d + d + (patches + 1) * d + 2 * 2 * d  # patch, cls, pos, ln pre/post
-    layer = 4 * (d * d + d) + (d * h + h) + (h * d + d) + 2 * 2 * d  # qkvo+bias, mlp+bias, 2 layernorms
-    shuffled = int(d / v.pixel_shuffle_ratio**2)
-    adapter = shuffled * v.projector_input_dim + v.projector_input_dim * v.projector_output_dim
-    return embed + v.n_layers * layer + adapter + v.vision_output_dim * text_dim
 
 
 @dataclass
@@ -92,8 +83,6 @@ def census(cfg: ModelConfig) -> Census:
     for name, p in model.named_parameters():
         comp = _component(name)
         out.by_component[comp] = out.by_component.get(comp, 0) + p.numel()
-    if cfg.vision is not None:
-        out.by_component["vision"] = vision_params(cfg.vision, cfg.dim)
     out.active_by_component = dict(out.by_component)
     if "vision" in out.active_by_component:  # runs on image tiles, not per text token: not in "17B active"
         out.active_by_component["vision"] = 0

@@ -25,13 +25,17 @@ def hf_text_model(cfg: ModelConfig, seed: int = 0):
     d.pop("model_type"), d.pop("architectures")
     hf_cfg = Llama4TextConfig(**d)
     hf_cfg._attn_implementation = "eager"
-    model = Llama4ForCausalLM(hf_cfg).eval()
-    with torch.no_grad():  # HF leaves some tensors at zero/one; give every weight a scale that exercises it
-        for name, p in model.named_parameters():
-            if "layernorm" in name or name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.08)
+    return randomize_(Llama4ForCausalLM(hf_cfg).eval())
+
+
+@torch.no_grad()
+def randomize_(model):
+    """HF leaves some tensors at zero/one; give every weight a scale that exercises it (norms around 1)."""
+    for name, p in model.named_parameters():
+        if "layernorm" in name or name.endswith("norm.weight"):
+            p.uniform_(0.5, 1.5)
+        else:
+            p.normal_(0.0, 0.08)
     return model
 
 

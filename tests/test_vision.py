@@ -8,7 +8,7 @@ import torch
 import herd.model.vision as vision
 from herd.config import VisionConfig, from_hf_dict, preset, to_hf_dict
 from herd.errors import ConfigError
-from herd.info import vision_params
+from herd.info import census
 from herd.model import VisionTower
 
 TINY = preset("tiny").replace(dim=80, vision=VisionConfig(
@@ -156,7 +156,7 @@ def test_real_tower_on_meta_matches_transformers_tree(name):
     assert {k: t.shape for k, t in ours.state_dict().items()} == theirs
     assert all(p.is_meta for p in ours.parameters())
     n = sum(p.numel() for p in ours.parameters())
-    assert n == sum(p.numel() for p in [*vm.parameters(), *proj.parameters()]) == vision_params(cfg.vision, cfg.dim)
+    assert n == sum(p.numel() for p in [*vm.parameters(), *proj.parameters()]) == census(cfg).by_component["vision"]
     assert cfg.vision.tokens_per_tile == 144
     out = ours(torch.empty(2, 3, 336, 336, device="meta"))  # shapes flow through the real config
     assert out.shape == (2 * 144, cfg.dim) and out.is_meta

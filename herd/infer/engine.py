@@ -3,10 +3,16 @@ streaming text.
 
 Prompts of different lengths are prefilled one row at a time (each row of the cache has its own length and
 positions), then decoded together, so a batched greedy run gives exactly what each prompt gives alone.
+
+A prompt may come with images (the pixel tiles of its <|patch|> spans, herd.images): they are encoded once per
+distinct image set (an LRU of recent features, so the next turn of a chat does not re-encode them) and their
+features replace the placeholders during prefill; decoding never touches them again.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -84,6 +90,8 @@ class _StaticStep:
 # Materialise small intermediates (a normed hidden state, a scaled expert input) instead of recomputing them
 # inside every matvec loop that reads them: at one row the recomputation is per weight row, which made the
 # LM head compute-bound. A C++ wrapper calls the ~100 kernels of a step without Python in between.
+_IMAGE_LRU = 8  # image sets whose features the engine keeps
+
 _CPU_DECODE_OPTIONS = {"realize_cpu_opcount_threshold": 4, "realize_cpu_acc_reads_threshold": 2,
                        "realize_reads_threshold": 1, "cpp_wrapper": True}
 
@@ -98,6 +106,7 @@ class Engine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype if p.is_floating_point() else torch.bfloat16
         self._compiled = None
+        self._image_features: OrderedDict[str, torch.Tensor] = OrderedDict()  # pixels digest -> features
         if compile:
             if self.device.type == "cpu":
                 use_matvec(model)  # bandwidth-bound GEMVs as fused loops (herd.infer.matvec)
@@ -126,15 +135,63 @@ class Engine:
                 torch._dynamo.mark_static_address(t)  # updated in place inside the CUDA graph
         return cache
 
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Vision features of the tiles [N, 3, H, W], from the LRU when these exact pixels were seen lately."""
+        data = pixels.detach().cpu().contiguous()
+        key = f"{tuple(data.shape)}{data.dtype}" + hashlib.sha1(data.view(torch.uint8).numpy()).hexdigest()
+        if key in self._image_features:
+            self._image_features.move_to_end(key)
+        else:
+            self._image_features[key] = self.model.encode_images(pixels.to(self.device))
+            if len(self._image_features) > _IMAGE_LRU:
+                self._image_features.popitem(last=False)
+        return self._image_features[key]
+
+    def _check_images(self, prompts: Sequence[list[int]], images: Sequence[torch.Tensor | None]) -> None:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image entries (give None for a text prompt)")
+        cfg = self.model.cfg
+        for i, (p, pixels) in enumerate(zip(prompts, images)):
+            if pixels is None:
+                continue
+            if self.model.vision is None:
+                raise ValueError("this model has no vision tower (its config has no vision_config): it cannot "
+                                 "take images")
+            v, n = cfg.vision, sum(t == cfg.image_token_id for t in p)
+            if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (v.n_channels, v.image_size, v.image_size):
+                raise ValueError(f"prompt {i}: image tiles must be [N, {v.n_channels}, {v.image_size}, "
+                                 f"{v.image_size}], got {list(pixels.shape)}")
+            if n != pixels.shape[0] * v.tokens_per_tile:
+                raise ValueError(f"prompt {i} has {n} <|patch|> placeholders but its {pixels.shape[0]} image tiles "
+                                 f"give {pixels.shape[0] * v.tokens_per_tile} features ({v.tokens_per_tile} per tile)")
+
+    def _prefill(self, view, prompt: list[int], pixels: torch.Tensor | None) -> torch.Tensor:
+        """Chunk by chunk into the row's cache; image features are consumed in order as their placeholders come."""
+        features, used = (self._features(pixels) if pixels is not None else None), 0
+        for start in range(0, len(prompt), self.prefill_chunk):
+            ids = prompt[start:start + self.prefill_chunk]
+            piece = torch.tensor([ids], device=self.device)
+            if features is None:
+                logits = self.model(piece, cache=view, last_only=True)
+            else:
+                n = sum(t == self.model.cfg.image_token_id for t in ids)
+                embeds = self.model.embed(piece, features[used:used + n])
+                used += n
+                logits = self.model(embeds=embeds, cache=view, last_only=True)
+        return logits[0, -1].float()
+
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         if params.stop_ids is not None:
             return set(params.stop_ids)
         return set(self.tokenizer.stop_ids) if self.tokenizer is not None else set()
 
     @torch.inference_mode()
-    def _steps(self, prompts: Sequence[list[int]], params: SamplingParams) -> Iterator[list[_Row]]:
+    def _steps(self, prompts: Sequence[list[int]], params: SamplingParams,
+               images: Sequence[torch.Tensor | None] | None = None) -> Iterator[list[_Row]]:
         """Yield the rows after every decode step until all are done."""
         cfg = self.model.cfg
+        images = images if images is not None else [None] * len(prompts)
+        self._check_images(prompts, images)
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty: give at least one token (e.g. <|begin_of_text|>)")
@@ -159,12 +216,8 @@ class Engine:
                 seen[b, torch.tensor(p, device=self.device)] = True
         # chunked prefill, one row at a time: memory is bounded by prefill_chunk, not by the prompt
         last = torch.empty(len(prompts), cfg.vocab_size, device=self.device)
-        for b, prompt in enumerate(prompts):
-            view = cache.row(b)
-            for start in range(0, len(prompt), self.prefill_chunk):
-                piece = torch.tensor([prompt[start:start + self.prefill_chunk]], device=self.device)
-                logits = self.model(piece, cache=view, last_only=True)
-            last[b] = logits[0, -1].float()
+        for b, (prompt, pixels) in enumerate(zip(prompts, images)):
+            last[b] = self._prefill(cache.row(b), prompt, pixels)
         while True:
             next_ids = sample(last, params, seen, generator)
             for row, token in zip(rows, next_ids.tolist()):
@@ -177,20 +230,23 @@ class Engine:
                 seen.scatter_(1, next_ids[:, None], True)
             last = self._decode(cache, next_ids[:, None])[:, -1].float()
 
-    def generate(self, prompts: Sequence[list[int]], params: SamplingParams | None = None) -> list[Completion]:
-        """Complete every prompt (token id lists); batched, each row stops on its own."""
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams | None = None,
+                 images: Sequence[torch.Tensor | None] | None = None) -> list[Completion]:
+        """Complete every prompt (token id lists); batched, each row stops on its own. images[i]: the tiles
+        [N, 3, H, W] of prompt i's images in <|patch|>-span order (None: a text prompt)."""
         params = params or SamplingParams()
         rows: list[_Row] = []
-        for rows in self._steps(prompts, params):
+        for rows in self._steps(prompts, params, images):
             pass
         return [Completion(r.prompt, r.ids, r.text, r.reason or "length") for r in rows]
 
-    def stream(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt: list[int], params: SamplingParams | None = None,
+               images: torch.Tensor | None = None) -> Iterator[str]:
         """Text deltas of one completion as they are generated (never a broken UTF-8 character, never the
         beginning of a stop string that might still complete)."""
         if self.tokenizer is None:
             raise ValueError("streaming text needs a tokenizer: Engine(model, tokenizer)")
-        for (row,) in self._steps([prompt], params or SamplingParams()):
+        for (row,) in self._steps([prompt], params or SamplingParams(), [images]):
             delta = row.delta()
             if delta:
                 yield delta

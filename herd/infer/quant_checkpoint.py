@@ -24,8 +24,8 @@ from herd.infer.quantize import (QuantExperts, QuantLinear, QuantizationInfo, SC
 
 
 # -- checkpoints: writing ---------------------------------------------------------------------------------------
-def _hf_module(name: str) -> str:
-    return checkpoint.herd_to_hf(name + ".weight").removesuffix(".weight")
+def _hf_module(name: str, multimodal: bool) -> str:
+    return checkpoint.herd_to_hf(name + ".weight", multimodal).removesuffix(".weight")
 
 
 def save_quantized(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
@@ -34,17 +34,18 @@ def save_quantized(model: Transformer, directory: str | Path, max_shard_bytes: i
     info: QuantizationInfo | None = getattr(model, "quantization", None)
     if info is None:
         raise ValueError("model is not quantized (use herd.infer.quantize.quantize, or checkpoint.save)")
-    hf_config = to_hf_dict(model.cfg, text_only=True)
+    mm = model.vision is not None
+    hf_config = to_hf_dict(model.cfg, text_only=not mm)
     if info.scheme == "fp8":
         tensors = _unfused_tensors(model)
         hf_config["quantization_config"] = _compressed_tensors_config(model)
     else:
-        tensors = {checkpoint.herd_to_hf(n): p.detach().contiguous() for n, p in model.named_parameters()}
-        hf_config["quantization_config"] = _herd_config(info)
+        tensors = {checkpoint.herd_to_hf(n, mm): p.detach().contiguous() for n, p in model.named_parameters()}
+        hf_config["quantization_config"] = _herd_config(info, mm)
     return checkpoint.write_dir(directory, tensors, hf_config, max_shard_bytes)
 
 
-def _herd_config(info: QuantizationInfo) -> dict:
+def _herd_config(info: QuantizationInfo, multimodal: bool) -> dict:
     int4 = _STORAGE[info.scheme] == torch.uint8
     weights = ({"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": info.group_size,
                 "packing": "uint8 [N, K/2], low nibble = even input index, nibble = q + 8"} if int4 else
@@ -53,7 +54,7 @@ def _herd_config(info: QuantizationInfo) -> dict:
             if info.scheme == "int4_weight_int8_dynamic_activation" else None)
     return {"quant_method": "herd", "scheme": info.scheme, "group_size": info.group_size,
             "targets": "experts" if info.experts_only else "linear+experts", "quantize_lm_head": info.quantize_lm_head,
-            "modules_to_not_convert": [_hf_module(n) for n in info.skipped], "weights": weights,
+            "modules_to_not_convert": [_hf_module(n, multimodal) for n in info.skipped], "weights": weights,
             "input_activations": acts}
 
 
@@ -64,7 +65,7 @@ def _unfused_tensors(model: Transformer) -> dict[str, torch.Tensor]:
         if isinstance(m, (Experts, QuantExperts)):
             F_ = m.hidden_dim if isinstance(m, QuantExperts) else m.down_proj.shape[2]
             for e in range(m.gate_up_proj.shape[0]):
-                prefix = checkpoint.herd_to_hf(f"{name}.{e}")
+                prefix = checkpoint.herd_to_hf(f"{name}.{e}", model.vision is not None)
                 if isinstance(m, QuantExperts):  # clones: safetensors refuses tensors sharing storage
                     gu, gu_s, d, d_s = m.gate_up_proj[e], m.gate_up_proj_scale[e], m.down_proj[e], m.down_proj_scale[e]
                     parts = {"gate_proj": (gu[:F_], gu_s[:F_]), "up_proj": (gu[F_:], gu_s[F_:]), "down_proj": (d, d_s)}
@@ -78,7 +79,7 @@ def _unfused_tensors(model: Transformer) -> dict[str, torch.Tensor]:
                     out[f"{prefix}.down_proj.weight"] = d.clone()
     for name, p in model.named_parameters():
         if ".experts." not in name:
-            out[checkpoint.herd_to_hf(name)] = p.detach().contiguous()
+            out[checkpoint.herd_to_hf(name, model.vision is not None)] = p.detach().contiguous()
     return out
 
 
@@ -100,7 +101,7 @@ def _ct_ignore(model: Transformer) -> list[str]:
     no layer quantizes it, names (one regex per layer for experts) otherwise."""
     units: list[tuple[str, str, bool]] = []  # (kind regex, this module's entry, quantized)
     for name, m in model.named_modules():
-        hf = _hf_module(name)
+        hf = _hf_module(name, model.vision is not None)
         if isinstance(m, (Experts, QuantExperts)):
             units.append((r"re:.*feed_forward\.experts\..*", "re:" + re.escape(hf) + r"\..*",
                           isinstance(m, QuantExperts)))
@@ -124,7 +125,8 @@ _UNFUSED = re.compile(r"(?P<module>layers\.\d+\.feed_forward\.experts)\.(?P<e>\d
 
 
 def load_quantized(directory: str | Path, cfg: ModelConfig, qconfig: dict, dtype: str | torch.dtype | None = None,
-                   device: str | torch.device = "cpu", progress: bool | None = None) -> Transformer:
+                   device: str | torch.device = "cpu", progress: bool | None = None,
+                   skip_vision: bool = False) -> Transformer:
     """Build the model on the meta device, swap in the quantized modules the checkpoint holds, and fill it tensor
     by tensor (``herd.checkpoint.load`` calls this for a config.json with a ``quantization_config``).
 
@@ -187,7 +189,8 @@ def load_quantized(directory: str | Path, cfg: ModelConfig, qconfig: dict, dtype
         return dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
 
     unfused = _UnfusedExperts(model, target_dtype, device)
-    checkpoint.fill(model, directory, dtype, device, progress, target_dtype, extra=unfused, filled=unfused.complete)
+    checkpoint.fill(model, directory, dtype, device, progress, target_dtype, extra=unfused, filled=unfused.complete,
+                    skip_vision=skip_vision)
     for m in model.modules():  # packed weights straight from safetensors may sit at any 8-byte offset; kernels
         if isinstance(m, _QUANT_MODULES):  # with aligned vector loads want torch's 64-byte alignment
             for p in m.parameters():

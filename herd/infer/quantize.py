@@ -277,6 +277,8 @@ def quantizable(model: Transformer, experts_only: bool, quantize_lm_head: bool) 
         raise ValueError("lm_head is tied to the embedding, which stays unquantized; pass quantize_lm_head=False")
     names = []
     for name, m in model.named_modules():
+        if name.startswith("vision."):
+            continue  # the vision tower stays in bf16, as in Meta's quantized checkpoints
         if isinstance(m, (Experts, QuantExperts)):
             names.append(name)
         elif isinstance(m, (nn.Linear, QuantLinear)) and not experts_only and (name != "lm_head" or quantize_lm_head):

@@ -1,7 +1,11 @@
-"""The Llama 4 text decoder: embedding, pre-norm blocks (iRoPE attention + dense FFN or MoE), final norm, head.
+"""The Llama 4 model: embedding, pre-norm blocks (iRoPE attention + dense FFN or MoE), final norm, head, and
+(when the config has a vision_config) the vision tower whose features replace the ``<|patch|>`` placeholders.
 
-The model is a function of (tokens or embeddings, positions, cache): it knows nothing of training, sampling or
-serving. Module names follow the HF checkpoint so the key map (herd.checkpoint) stays one short table.
+The model is a function of (tokens or embeddings, image features, positions, cache): it knows nothing of training,
+sampling or serving. Module names follow the HF checkpoint so the key map (herd.checkpoint) stays one short table.
+
+Early fusion: ``encode_images(pixels)`` gives one text-width vector per ``<|patch|>`` token, and ``embed(tokens,
+image_features)`` puts them in place of those tokens' embeddings, in order; the decoder then sees one stream.
 """
 
 from typing import Protocol
@@ -15,6 +19,7 @@ from herd.model.ffn import FeedForward
 from herd.model.moe import MoE
 from herd.model.norm import RMSNorm
 from herd.model.rope import inv_frequencies, rope_angles
+from herd.model.vision import VisionTower
 
 
 class Block(nn.Module):
@@ -44,6 +49,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.vision = VisionTower(cfg) if cfg.vision is not None else None
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -52,18 +58,52 @@ class Transformer(nn.Module):
         """Random init for fresh models: N(0, std) weights, unit norms (training may re-init per MetaP)."""
         std = self.cfg.init_std if std is None else std
         for name, p in self.named_parameters():
+            if name.startswith("vision."):
+                continue
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 nn.init.ones_(p)
             else:
                 nn.init.normal_(p, 0.0, std)
+        if self.vision is not None:
+            for m in self.vision.modules():
+                if isinstance(m, nn.LayerNorm):
+                    nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+            for name, p in self.vision.named_parameters():
+                if name.endswith(".bias"):
+                    nn.init.zeros_(p)
+                elif "layernorm" not in name:
+                    nn.init.normal_(p, 0.0, self.cfg.vision.init_std)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles [N, 3, 336, 336] (herd.images) -> [N * tokens_per_tile, dim] features for the <|patch|> tokens."""
+        if self.vision is None:
+            raise ValueError("this model has no vision tower (its config has no vision_config): it cannot take images")
+        return self.vision(pixel_values)
+
+    def embed(self, tokens: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> [B, T, D]; the k-th <|patch|> token (row-major) gets image_features[k] instead."""
+        x = self.embed_tokens(tokens)
+        if image_features is None:
+            return x
+        mask = tokens == self.cfg.image_token_id
+        n = int(mask.sum())
+        if n != image_features.shape[0]:
+            raise ValueError(f"{n} <|patch|> placeholder tokens (id {self.cfg.image_token_id}) but "
+                             f"{image_features.shape[0]} image feature rows: the prompt layout and the images disagree")
+        return x.masked_scatter(mask[..., None], image_features.to(x.dtype))
 
     def forward(self, tokens: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache: "ModelCache | None" = None, embeds: torch.Tensor | None = None,
-                last_only: bool = False, return_router_logits: bool = False):
+                last_only: bool = False, return_router_logits: bool = False,
+                pixel_values: torch.Tensor | None = None):
         """tokens [B, T] (or embeds [B, T, D]) -> logits [B, T, V] ([B, 1, V] with ``last_only``).
 
-        positions [B, T] are absolute; by default they continue the cache (or start at 0)."""
-        x = self.embed_tokens(tokens) if embeds is None else embeds
+        pixel_values [N, 3, 336, 336]: the tiles of every image in the batch, in the order of their <|patch|>
+        spans. positions [B, T] are absolute; by default they continue the cache (or start at 0)."""
+        if embeds is None:
+            features = self.encode_images(pixel_values) if pixel_values is not None else None
+            embeds = self.embed(tokens, features)
+        x = embeds
         B, T, _ = x.shape
         if positions is None:
             positions = cache.positions(T) if cache is not None else torch.arange(T, device=x.device).expand(B, T)
