@@ -4,19 +4,22 @@
     llm.generate("The capital of France is", max_new_tokens=16)
     for piece in llm.stream("Tell me a story"): print(piece, end="")
     llm.chat([{"role": "user", "content": "Hi!"}])          # -> {"role": "assistant", "content": ...}
+    llm.chat([{"role": "user", "content": [{"type": "image", "path": "cat.png"},
+                                           {"type": "text", "text": "What is this?"}]}])
+    llm.generate("Describe the picture:", images=["cat.png"])  # image placeholders, then the text
     pipe = herd.pipeline("text-generation", model=llm)      # called like transformers' pipeline
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from herd.chat import ChatFormat, parse_assistant
+from herd.chat import ChatFormat, has_pixels, image_token_ids, parse_assistant
 from herd.checkpoint import load as load_checkpoint
 from herd.config import PRESETS, preset
 from herd.infer.engine import Completion, Engine
@@ -49,28 +52,68 @@ class LLM:
         """A plain prompt: <|begin_of_text|> + text (token id lists pass through)."""
         return list(prompt) if not isinstance(prompt, str) else [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
 
-    def complete(self, prompts: list[str | list[int]], **kw: Any) -> list[Completion]:
-        return self.engine.generate([self.encode(p) for p in prompts], self.params(**kw))
+    def encode_with_images(self, prompt: str, images: Sequence[Any]) -> tuple[list[int], torch.Tensor | None]:
+        """A plain prompt with images (paths, bytes, data: URLs, PIL...): <|begin_of_text|>, each image's
+        placeholders, then the text; and the images' tiles. Without images: (encode(prompt), None)."""
+        if not images:
+            return self.encode(prompt), None
+        from herd.images import process_images  # torchvision takes ~1 s to import: only when images come
 
-    def generate(self, prompt: str | list[int] | list[str], **kw: Any) -> str | list[str]:
-        """Continue a prompt (or a list of prompts, batched); returns the generated text only."""
+        tiled = process_images(list(images), dtype=self._pixel_dtype())
+        ids = [self.tokenizer.bos_id]
+        for image in tiled:
+            ids += image_token_ids(self.tokenizer, *image.aspect_ratio, self.chat_format.patches_per_tile)
+        return ids + self.tokenizer.encode(prompt), torch.cat([image.pixel_values for image in tiled])
+
+    def complete(self, prompts: list[str | list[int]], images: Sequence[Any] | None = None,
+                 **kw: Any) -> list[Completion]:
+        """images: one list of images per prompt (None or [] for a text prompt)."""
+        if images is None:
+            return self.engine.generate([self.encode(p) for p in prompts], self.params(**kw))
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+        encoded = [self.encode_with_images(p, im or []) for p, im in zip(prompts, images)]
+        return self.engine.generate([ids for ids, _ in encoded], self.params(**kw), [px for _, px in encoded])
+
+    def generate(self, prompt: str | list[int] | list[str], images: Sequence[Any] | None = None,
+                 **kw: Any) -> str | list[str]:
+        """Continue a prompt (or a list of prompts, batched); returns the generated text only. images: the
+        images of a single prompt (or, for a list of prompts, one list per prompt)."""
         batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], str)
-        out = [c.text for c in self.complete(prompt if batch else [prompt], **kw)]
+        if not batch and images is not None:
+            images = [images]
+        out = [c.text for c in self.complete(prompt if batch else [prompt], images, **kw)]
         return out if batch else out[0]
 
-    def stream(self, prompt: str | list[int], **kw: Any) -> Iterator[str]:
-        return self.engine.stream(self.encode(prompt), self.params(**kw))
+    def stream(self, prompt: str | list[int], images: Sequence[Any] | None = None, **kw: Any) -> Iterator[str]:
+        ids, pixels = self.encode_with_images(prompt, images) if images else (self.encode(prompt), None)
+        return self.engine.stream(ids, self.params(**kw), pixels)
+
+    def chat_inputs(self, messages: list[dict]) -> tuple[list[int], torch.Tensor | None]:
+        """Prompt ids of a conversation (generation prompt appended) and the tiles of its images, if any."""
+        if not has_pixels(messages):
+            return self.chat_format.encode_dialog(messages, add_generation_prompt=True), None
+        ids, tiled = self.chat_format.encode_dialog_with_images(messages, dtype=self._pixel_dtype())
+        return ids, torch.cat([image.pixel_values for image in tiled])
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         return self.chat_format.encode_dialog(messages, add_generation_prompt=True)
 
     def chat(self, messages: list[dict], **kw: Any) -> dict:
-        """The assistant's reply to a conversation, tool calls parsed: {"role", "content", "tool_calls"}."""
-        (c,) = self.engine.generate([self.chat_ids(messages)], self.params(**kw))
+        """The assistant's reply to a conversation, tool calls parsed: {"role", "content", "tool_calls"}. Content
+        may be a string or a list of parts, transformers-style: {"type": "text", "text": ...},
+        {"type": "image", "path"|"url"|"image": ...}, {"type": "video", "frames": [...]}."""
+        ids, pixels = self.chat_inputs(messages)
+        (c,) = self.engine.generate([ids], self.params(**kw), [pixels])
         return parse_assistant(c.text)
 
     def chat_stream(self, messages: list[dict], **kw: Any) -> Iterator[str]:
-        return self.engine.stream(self.chat_ids(messages), self.params(**kw))
+        ids, pixels = self.chat_inputs(messages)
+        return self.engine.stream(ids, self.params(**kw), pixels)
+
+    def _pixel_dtype(self) -> torch.dtype:
+        # bf16 models get transformers' bf16 pixels bit for bit; other dtypes fp32 pixels
+        return torch.bfloat16 if self.engine.dtype == torch.bfloat16 else torch.float32
 
 
 def load(path_or_preset: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",

@@ -202,6 +202,13 @@ class ChatFormat:
         return self.encode_dialog(laid_out, add_generation_prompt), images
 
 
+def has_pixels(messages: list[dict]) -> bool:
+    """Whether any message carries an image or video part that is not layout-only."""
+    return any(isinstance(part, dict) and part.get("type") in ("image", "video") and "tiles" not in part
+               for m in messages if isinstance(m.get("content"), (list, dict))
+               for part in ([m["content"]] if isinstance(m["content"], dict) else m["content"]))
+
+
 def _pixel_sources(part: Any, where: str) -> list[tuple[str, Any]] | None:
     """[(where, image input), ...] for an image or video part, None for any other part."""
     kind = part.get("type") if isinstance(part, dict) else None

@@ -60,21 +60,26 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompts = [args.prompt]
     if args.stream and len(prompts) > 1:
         raise HerdError("--stream shows one completion; it cannot be combined with --batch-file")
+    images = args.image or []
+    if images and len(prompts) > 1:
+        raise HerdError("--image goes with one PROMPT; it cannot be combined with --batch-file")
     llm = _load(args)
 
-    def encode(text: str) -> list[int]:
+    def encode(text: str):
         if not args.chat:
-            return llm.encode(text)
-        return llm.chat_ids(([{"role": "system", "content": args.system}] if args.system else []) +
-                            [{"role": "user", "content": text}])
+            return llm.encode_with_images(text, images)
+        content = [*({"type": "image", "path": str(p)} for p in images), {"type": "text", "text": text}]
+        return llm.chat_inputs(([{"role": "system", "content": args.system}] if args.system else []) +
+                               [{"role": "user", "content": content if images else text}])
 
-    ids = [encode(p) for p in prompts]
+    encoded = [encode(p) for p in prompts]
+    ids, pixels = [i for i, _ in encoded], [px for _, px in encoded]
     if args.stream and not args.json:
-        for piece in llm.engine.stream(ids[0], params):
+        for piece in llm.engine.stream(ids[0], params, pixels[0]):
             print(piece, end="", flush=True)
         print()
         return
-    for c in llm.engine.generate(ids, params):
+    for c in llm.engine.generate(ids, params, pixels):
         if args.json:
             print(json.dumps({"prompt_ids": c.prompt_ids, "token_ids": c.token_ids, "text": c.text,
                               "stop_reason": c.stop_reason}))
@@ -154,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat", action="store_true", help="wrap each prompt as one user message + generation prompt")
     s.add_argument("--system", default=None, help="system message (with --chat)")
     s.add_argument("--stream", action="store_true", help="print text as it is generated")
+    s.add_argument("--image", action="append", type=Path, metavar="PATH",
+                   help="an image for the prompt (repeatable; with --chat they open the user message, else they "
+                        "come before the text)")
     s.add_argument("--json", action="store_true",
                    help='print {"prompt_ids", "token_ids", "text", "stop_reason"} (one line per prompt)')
     _add_sampling_args(s, 64)

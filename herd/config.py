@@ -208,6 +208,10 @@ PRESETS: dict[str, ModelConfig] = {
                                     interleave_moe_layer_step=2, use_qk_norm=False, attention_chunk_size=16,
                                     floor_scale=8, max_seq_len=4096),
 }
+# tiny + a tiny vision tower at the real tile geometry (336 px, 14 px patches -> 144 <|patch|> per tile)
+PRESETS["tiny-vision"] = PRESETS["tiny"].replace(vision=VisionConfig(
+    dim=64, n_layers=2, n_heads=4, hidden_dim=256, projector_input_dim=128, projector_output_dim=128,
+    vision_output_dim=128))
 
 
 def preset(name: str) -> ModelConfig:

@@ -1,22 +1,29 @@
-"""The interactive chat loop behind ``herd chat``: multi-turn history, streamed replies, /reset, /exit."""
+"""The interactive chat loop behind ``herd chat``: multi-turn history, streamed replies, /image, /reset, /exit.
+
+A bad image or a failing turn prints an error and leaves the session as it was: nothing here may end the loop
+except /exit and end of input."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TextIO
 
 from herd.api import LLM
+from herd.errors import HerdError
+from herd.images import load_image
 from herd.infer.sampling import SamplingParams
 
-HELP = "commands: /reset (forget the conversation), /exit (quit); Ctrl-D quits too"
+HELP = ("commands: /image PATH (attach an image to your next message), /reset (forget the conversation), "
+        "/exit (quit); Ctrl-D quits too")
 
 
 def repl(llm: LLM, params: SamplingParams, system: str | None = None, read: Callable[[str], str] = input,
          out: TextIO = sys.stdout) -> list[dict]:
     """Run until /exit or end of input; returns the conversation so far."""
     start = [{"role": "system", "content": system}] if system else []
-    messages = list(start)
+    messages, pending = list(start), []  # pending: images for the next user message
     print(f"herd chat — {HELP}", file=out)
     while True:
         try:
@@ -28,21 +35,45 @@ def repl(llm: LLM, params: SamplingParams, system: str | None = None, read: Call
         if text in ("/exit", "/quit"):
             return messages
         if text == "/reset":
-            messages = list(start)
+            messages, pending = list(start), []
             print("(conversation reset)", file=out)
+            continue
+        if text.split(maxsplit=1)[0] == "/image":
+            path = text[len("/image"):].strip()
+            if not path:
+                print("usage: /image PATH", file=out)
+                continue
+            if llm.model.vision is None:
+                print("error: this model has no vision tower (its config has no vision_config): it cannot take "
+                      "images", file=out)
+                continue
+            try:  # decode now, so a bad file is reported here and never reaches the conversation
+                load_image(Path(path).expanduser())
+            except HerdError as e:
+                print(f"error: {e}", file=out)
+                continue
+            pending.append({"type": "image", "path": str(Path(path).expanduser())})
+            print(f"(image attached to your next message: {path})", file=out)
             continue
         if text.startswith("/"):
             print(f"unknown command {text.split()[0]}; {HELP}", file=out)
             continue
         if not text:
             continue
-        messages.append({"role": "user", "content": line})
+        user = {"role": "user", "content": [*pending, {"type": "text", "text": line}] if pending else line}
         reply = []
         try:
-            for piece in llm.engine.stream(llm.chat_ids(messages), params):
+            ids, pixels = llm.chat_inputs([*messages, user])
+            for piece in llm.engine.stream(ids, params, pixels):
                 reply.append(piece)
                 print(piece, end="", flush=True, file=out)
         except KeyboardInterrupt:  # stop this reply, keep the session
             print(" [interrupted]", end="", file=out)
-        print(file=out)
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        except (HerdError, ValueError) as e:  # e.g. a prompt past the context; the turn is dropped
+            print(f"error: {e}" + (" (the attached images were dropped)" if pending else ""), file=out)
+            pending = []
+            continue
+        finally:
+            print(file=out)
+        messages += [user, {"role": "assistant", "content": "".join(reply)}]
+        pending = []
