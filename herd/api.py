@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from herd.chat import ChatFormat, has_pixels, image_token_ids, parse_assistant
+from herd.chat import PATCHES_PER_TILE, ChatFormat, has_pixels, image_token_ids, parse_assistant
 from herd.checkpoint import load as load_checkpoint
 from herd.config import PRESETS, preset
 from herd.infer.engine import Completion, Engine
@@ -36,7 +36,8 @@ class LLM:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, prefill_chunk: int = 512, compile: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, tokenizer, prefill_chunk=prefill_chunk, compile=compile)
-        self.chat_format = ChatFormat(tokenizer)
+        v = model.cfg.vision  # the placeholder count and tile size follow the model's vision geometry
+        self.chat_format = ChatFormat(tokenizer, patches_per_tile=v.tokens_per_tile if v else PATCHES_PER_TILE)
 
     @property
     def config(self):
@@ -59,7 +60,7 @@ class LLM:
             return self.encode(prompt), None
         from herd.images import process_images  # torchvision takes ~1 s to import: only when images come
 
-        tiled = process_images(list(images), dtype=self._pixel_dtype())
+        tiled = process_images(list(images), self._image_config(), dtype=self._pixel_dtype())
         ids = [self.tokenizer.bos_id]
         for image in tiled:
             ids += image_token_ids(self.tokenizer, *image.aspect_ratio, self.chat_format.patches_per_tile)
@@ -93,7 +94,8 @@ class LLM:
         """Prompt ids of a conversation (generation prompt appended) and the tiles of its images, if any."""
         if not has_pixels(messages):
             return self.chat_format.encode_dialog(messages, add_generation_prompt=True), None
-        ids, tiled = self.chat_format.encode_dialog_with_images(messages, dtype=self._pixel_dtype())
+        ids, tiled = self.chat_format.encode_dialog_with_images(messages, image_config=self._image_config(),
+                                                                dtype=self._pixel_dtype())
         return ids, torch.cat([image.pixel_values for image in tiled])
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
@@ -110,6 +112,12 @@ class LLM:
     def chat_stream(self, messages: list[dict], **kw: Any) -> Iterator[str]:
         ids, pixels = self.chat_inputs(messages)
         return self.engine.stream(ids, self.params(**kw), pixels)
+
+    def _image_config(self):
+        from herd.images import ImageConfig
+
+        v = self.model.cfg.vision
+        return ImageConfig(tile_size=v.image_size) if v is not None else ImageConfig()
 
     def _pixel_dtype(self) -> torch.dtype:
         # bf16 models get transformers' bf16 pixels bit for bit; other dtypes fp32 pixels

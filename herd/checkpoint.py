@@ -207,7 +207,11 @@ def fill(model: Transformer, directory: Path, dtype: torch.dtype | None, device:
                 target = target_dtype(name, hf_name, tensor)
             except ValueError as e:
                 raise CheckpointError(f"tensor {hf_name} in {file} {e}") from None
-        _assign(model, name, tensor.to(device=device, dtype=target, memory_format=torch.contiguous_format))
+        if tensor.is_contiguous():
+            tensor = tensor.to(device=device, dtype=target)
+        else:  # the transposed experts: one copy into herd's layout (.to() would keep the strides, or not copy)
+            tensor = torch.empty(tensor.shape, dtype=target, device=device).copy_(tensor)
+        _assign(model, name, tensor)
         loaded.add(name)
     loaded |= set(filled)
     if cfg.tie_embeddings:

@@ -74,6 +74,19 @@ def test_load_casts_to_requested_dtype(tmp_model_dir):
     assert not any(p.is_meta for p in model.parameters())
 
 
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_loaded_experts_are_contiguous_in_herd_layout(tmp_model_dir, dtype):
+    """HF stores routed experts in x out; herd's out x in copy must be dense (a strided view would make every
+    decode step walk weight columns), whether or not the load also casts."""
+    ref = _saved_herd_model(tmp_model_dir)
+    model = checkpoint.load(tmp_model_dir, dtype=dtype)
+    for name, p in model.named_parameters():
+        assert p.is_contiguous(), name
+    experts = model.layers[0].feed_forward.experts
+    assert torch.equal(experts.gate_up_proj.float(), ref.layers[0].feed_forward.experts.gate_up_proj.to(
+        experts.gate_up_proj.dtype).float())
+
+
 def test_mis_shaped_tensor_names_tensor_and_file(tmp_model_dir):
     _saved_herd_model(tmp_model_dir)
     file = tmp_model_dir / checkpoint.SINGLE_FILE

@@ -118,3 +118,19 @@ def test_text_model_refuses_images_clearly(tmp_path, pictures):
 def test_remote_urls_are_refused(llm):
     with pytest.raises(HerdError, match="remote URLs are not fetched"):
         llm.chat([{"role": "user", "content": [{"type": "image", "url": "https://example.com/cat.png"}]}])
+
+
+def test_placeholders_and_tiles_follow_the_model_geometry(pictures):
+    """A tower with 112 px tiles and 14 px patches has 4x4 = 16 <|patch|> per tile: the prompt must say so."""
+    from herd.api import LLM
+    from herd.config import VisionConfig
+    from herd.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(vision=VisionConfig(dim=64, n_layers=1, n_heads=4, hidden_dim=256, image_size=112,
+                                                     projector_input_dim=128, projector_output_dim=128,
+                                                     vision_output_dim=128))
+    llm = LLM(Transformer(cfg).eval(), Tokenizer.load())
+    ids, pixels = llm.chat_inputs([{"role": "user", "content": [{"type": "image", "path": str(pictures[0])}]}])
+    assert pixels.shape[-2:] == (112, 112) and ids.count(cfg.image_token_id) == 16 * pixels.shape[0]
+    assert llm.generate("x", images=[pictures[1]], max_new_tokens=2, temperature=0.0) is not None
