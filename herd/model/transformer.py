@@ -103,6 +103,8 @@ class Transformer(nn.Module):
         if embeds is None:
             features = self.encode_images(pixel_values) if pixel_values is not None else None
             embeds = self.embed(tokens, features)
+        elif pixel_values is not None:
+            raise ValueError("give pixel_values with tokens, not with embeds (embed(tokens, features) fuses them)")
         x = embeds
         B, T, _ = x.shape
         if positions is None:
