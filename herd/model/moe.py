@@ -65,8 +65,11 @@ class Router(nn.Module):
         self.top_k = top_k
         self.weight = nn.Parameter(torch.empty(n_experts, dim))
 
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return F.linear(x_TD, self.weight)
+
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits_TE = F.linear(x_TD, self.weight)
+        logits_TE = self.logits(x_TD)
         top_logits_TK, experts_TK = torch.topk(logits_TE, self.top_k, dim=-1)
         scores_TK = torch.sigmoid(top_logits_TK.float()).to(x_TD.dtype)
         return scores_TK, experts_TK, logits_TE
