@@ -90,10 +90,9 @@ class _StaticStep:
 # Materialise small intermediates (a normed hidden state, a scaled expert input) instead of recomputing them
 # inside every matvec loop that reads them: at one row the recomputation is per weight row, which made the
 # LM head compute-bound. A C++ wrapper calls the ~100 kernels of a step without Python in between.
-_IMAGE_LRU = 8  # image sets whose features the engine keeps
-
 _CPU_DECODE_OPTIONS = {"realize_cpu_opcount_threshold": 4, "realize_cpu_acc_reads_threshold": 2,
                        "realize_reads_threshold": 1, "cpp_wrapper": True}
+_IMAGE_LRU = 8  # image sets whose features the engine keeps
 
 
 class Engine:
