@@ -1,0 +1,1 @@
+"""Training: data pipeline (tokenised, packed, memory-mapped shards) and the training loop."""
