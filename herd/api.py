@@ -53,7 +53,8 @@ class LLM:
         """A plain prompt: <|begin_of_text|> + text (token id lists pass through)."""
         return list(prompt) if not isinstance(prompt, str) else [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
 
-    def encode_with_images(self, prompt: str, images: Sequence[Any]) -> tuple[list[int], torch.Tensor | None]:
+    def encode_with_images(self, prompt: str | list[int],
+                           images: Sequence[Any]) -> tuple[list[int], torch.Tensor | None]:
         """A plain prompt with images (paths, bytes, data: URLs, PIL...): <|begin_of_text|>, each image's
         placeholders, then the text; and the images' tiles. Without images: (encode(prompt), None)."""
         if not images:
@@ -64,13 +65,12 @@ class LLM:
         ids = [self.tokenizer.bos_id]
         for image in tiled:
             ids += image_token_ids(self.tokenizer, *image.aspect_ratio, self.chat_format.patches_per_tile)
-        return ids + self.tokenizer.encode(prompt), torch.cat([image.pixel_values for image in tiled])
+        return ids + self.tokenizer.encode(prompt), _pixels(tiled)
 
     def complete(self, prompts: list[str | list[int]], images: Sequence[Any] | None = None,
                  **kw: Any) -> list[Completion]:
         """images: one list of images per prompt (None or [] for a text prompt)."""
-        if images is None:
-            return self.engine.generate([self.encode(p) for p in prompts], self.params(**kw))
+        images = [None] * len(prompts) if images is None else images
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
         encoded = [self.encode_with_images(p, im or []) for p, im in zip(prompts, images)]
@@ -87,7 +87,7 @@ class LLM:
         return out if batch else out[0]
 
     def stream(self, prompt: str | list[int], images: Sequence[Any] | None = None, **kw: Any) -> Iterator[str]:
-        ids, pixels = self.encode_with_images(prompt, images) if images else (self.encode(prompt), None)
+        ids, pixels = self.encode_with_images(prompt, images or [])
         return self.engine.stream(ids, self.params(**kw), pixels)
 
     def chat_inputs(self, messages: list[dict]) -> tuple[list[int], torch.Tensor | None]:
@@ -96,7 +96,7 @@ class LLM:
             return self.chat_format.encode_dialog(messages, add_generation_prompt=True), None
         ids, tiled = self.chat_format.encode_dialog_with_images(messages, image_config=self._image_config(),
                                                                 dtype=self._pixel_dtype())
-        return ids, torch.cat([image.pixel_values for image in tiled])
+        return ids, _pixels(tiled)
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         return self.chat_format.encode_dialog(messages, add_generation_prompt=True)
@@ -144,6 +144,11 @@ def load(path_or_preset: str | Path, dtype: str | torch.dtype | None = None, dev
     if dtype is not None:
         model = model.to(parse_dtype(dtype))
     return LLM(model, Tokenizer.load(), prefill_chunk, compile)
+
+
+def _pixels(tiled: list) -> torch.Tensor:
+    """The tiles of processed images, in order: [sum of their tiles, 3, H, W] (what the engine takes)."""
+    return torch.cat([image.pixel_values for image in tiled])
 
 
 class TextGenerationPipeline:

@@ -186,7 +186,7 @@ class ChatFormat:
                 laid_out.append(message)
                 continue
             parts = []
-            for j, part in enumerate([content] if isinstance(content, dict) else content):
+            for j, part in enumerate(_parts(content)):
                 sources = _pixel_sources(part, f"messages[{i}].content[{j}]")
                 if sources is None:
                     parts.append(part)
@@ -205,8 +205,12 @@ class ChatFormat:
 def has_pixels(messages: list[dict]) -> bool:
     """Whether any message carries an image or video part that is not layout-only."""
     return any(isinstance(part, dict) and part.get("type") in ("image", "video") and "tiles" not in part
-               for m in messages if isinstance(m.get("content"), (list, dict))
-               for part in ([m["content"]] if isinstance(m["content"], dict) else m["content"]))
+               for m in messages if isinstance(m.get("content"), (list, dict)) for part in _parts(m["content"]))
+
+
+def _parts(content: list | dict) -> list:
+    """A message's content parts: a list as is, a single part dict as a list of one."""
+    return [content] if isinstance(content, dict) else content
 
 
 def _pixel_sources(part: Any, where: str) -> list[tuple[str, Any]] | None:
