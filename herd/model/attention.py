@@ -5,7 +5,8 @@ chunk of ``attention_chunk_size`` positions only). NoPE layers (every ``nope_lay
 full causal attention, and inference-time temperature tuning of q at long range.
 
 The KV cache is passed in; ``cache.update`` returns the keys/values to attend to and their absolute positions,
-so the mask is always built from positions and chunked semantics hold in decode too.
+so the mask is always built from positions and chunked semantics hold in decode too. Packed training rows
+pass ``doc_ids`` (herd.train.data) and attention stays inside each document, in chunked and global layers alike.
 """
 
 from typing import Protocol
@@ -31,12 +32,19 @@ class LayerCache(Protocol):
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def attention_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """[B, 1, T, S] bool: causal, valid slot, and (chunked layers) same chunk."""
+def attention_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, chunk: int | None,
+                   doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, 1, T, S] bool: causal, valid slot, (chunked layers) same chunk, and (packed training rows, where
+    queries and keys are the same T tokens) same document.
+
+    Causality by position, not by index: with document masking, positions restart at each document, and
+    within one document position order is index order."""
     q, k = q_pos_BT[:, None, :, None], k_pos_BS[:, None, None, :]
     mask = (k <= q) & (k >= 0)
     if chunk is not None:
         mask &= torch.div(k, chunk, rounding_mode="floor") == torch.div(q, chunk, rounding_mode="floor")
+    if doc_ids_BT is not None:
+        mask &= doc_ids_BT[:, None, :, None] == doc_ids_BT[:, None, None, :]
     return mask
 
 
@@ -75,7 +83,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: LayerCache | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None, doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
@@ -91,7 +99,7 @@ class Attention(nn.Module):
             k, v, k_pos = cache.update(self.layer, k, v, positions_BT)
         else:
             k_pos = positions_BT
-        mask = attention_mask(positions_BT, k_pos, self.chunk)
+        mask = attention_mask(positions_BT, k_pos, self.chunk, doc_ids_BT)
         if torch.compiler.is_compiling() and q.device.type == "cpu" and q.shape[2] <= 4:
             out = attend_fused(q, k, v, mask)
         else:

@@ -32,8 +32,9 @@ class Block(nn.Module):
         self.feed_forward = MoE(cfg) if self.is_moe else FeedForward(cfg.dim, cfg.dense_hidden_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
+                cache: LayerCache | None = None, doc_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, doc_ids)
         out = self.feed_forward(self.post_attention_layernorm(h))
         out, router_logits = out if self.is_moe else (out, None)
         return h + out, router_logits
@@ -95,11 +96,15 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache: "ModelCache | None" = None, embeds: torch.Tensor | None = None,
                 last_only: bool = False, return_router_logits: bool = False,
-                pixel_values: torch.Tensor | None = None):
+                pixel_values: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None):
         """tokens [B, T] (or embeds [B, T, D]) -> logits [B, T, V] ([B, 1, V] with ``last_only``).
 
         pixel_values [N, 3, 336, 336]: the tiles of every image in the batch, in the order of their <|patch|>
-        spans. positions [B, T] are absolute; by default they continue the cache (or start at 0)."""
+        spans. positions [B, T] are absolute; by default they continue the cache (or start at 0).
+        doc_ids [B, T] (packed training rows, no cache): a token attends only to earlier tokens of its document;
+        give positions that restart at each document with them (herd.train.data does)."""
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids (document masking of packed rows) is for cache-free forward passes")
         if embeds is None:
             features = self.encode_images(pixel_values) if pixel_values is not None else None
             embeds = self.embed(tokens, features)
@@ -113,7 +118,7 @@ class Transformer(nn.Module):
                                                       device=x.device))
         router_logits = []
         for block in self.layers:
-            x, logits_TE = block(x, positions, rope, cache)
+            x, logits_TE = block(x, positions, rope, cache, doc_ids)
             if logits_TE is not None:
                 router_logits.append(logits_TE)
         if cache is not None:

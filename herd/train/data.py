@@ -215,14 +215,14 @@ class _ShardWriter:
     def commit(self, info: ShardSetInfo) -> None:
         for tmp, final in self.tmp_files:
             os.replace(tmp, final)
-        _atomic_write_text(self.out_dir / INDEX_FILE, json.dumps(asdict(info), indent=1))
+        atomic_write_text(self.out_dir / INDEX_FILE, json.dumps(asdict(info), indent=1))
 
     def abort(self) -> None:
         for tmp, _ in self.tmp_files:
             tmp.unlink(missing_ok=True)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w") as f:

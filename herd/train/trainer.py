@@ -1,0 +1,340 @@
+"""The pretraining loop: ``herd train RECIPE.toml``.
+
+One run directory holds everything (``train.out_dir``):
+
+    run.toml            the resolved config (recipe + command-line overrides)
+    tokenizer/          the tokenizer (trained here when the recipe asks for one)
+    data/source_N/      token shards of each source (built on first use, reused after)
+    checkpoints/        step_XXXXXXXX/ (herd.train.checkpointing), the newest ``keep_checkpoints``
+    metrics.jsonl       one JSON object per logged step / eval
+    tb/                 TensorBoard event files (when tensorboard is installed)
+
+The step: ``grad_accum`` micro-batches of packed, document-masked rows, each giving next-token cross entropy
+(+ z-loss) + the MoE load-balancing loss, under bf16 autocast when asked; then gradient clipping, AdamW and the
+learning-rate schedule. Everything that decides the next step (weights, AdamW moments, step, data cursor,
+RNG) is in the checkpoint, so ``--resume`` reproduces the uninterrupted run's losses exactly.
+Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import hashlib
+import json
+import math
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+from tqdm import tqdm
+
+from herd import checkpoint
+from herd.config import ModelConfig, load_config, preset
+from herd.errors import ConfigError
+from herd.model.transformer import Transformer
+from herd.tokenizer import Tokenizer
+from herd.train import checkpointing
+from herd.train.bpe import read_texts, train_bpe
+from herd.train.config import RunConfig, SourceSpec, to_toml
+from herd.train.data import INDEX_FILE, PackedLoader, TokenShards, tokenize_to_shards
+from herd.train.losses import cross_entropy, expert_load, load_balancing_loss
+from herd.train.schedule import lr_at
+
+
+def apply_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them (a transform from
+    outside the model: parameter names and the state dict are unchanged)."""
+    for block in model.layers:
+        block.forward = functools.partial(activation_checkpoint, block.forward, use_reentrant=False)
+
+
+def expand_files(cfg: RunConfig, spec: SourceSpec) -> list[Path]:
+    files: list[Path] = []
+    for pattern in spec.files:
+        matched = sorted(glob.glob(str(cfg.path(pattern)), recursive=True))
+        if not matched:
+            raise ConfigError(f"data files {pattern!r} match nothing (relative paths start at {cfg.base_dir})")
+        files += [Path(m) for m in matched]
+    excluded = {Path(m) for pattern in spec.exclude for m in glob.glob(str(cfg.path(pattern)), recursive=True)}
+    files = [f for f in dict.fromkeys(files) if f not in excluded]
+    if not files:
+        raise ConfigError(f"data source {spec.files}: every file is excluded")
+    return files
+
+
+def _fingerprint(files: list[Path], tokenizer_file: Path | None, extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    if tokenizer_file is not None:
+        h.update(tokenizer_file.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool | None = None):
+        self.cfg, self.progress = cfg, progress
+        t = cfg.train
+        self.out = cfg.path(t.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_root = self.out / "checkpoints"
+        for p in checkpointing.clean_partial(self.ckpt_root):
+            warnings.warn(f"removed the unfinished checkpoint {p} (a save was interrupted)", stacklevel=2)
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.tokenizer, self.tokenizer_dir = self._tokenizer()
+        self.loader = self._loader(cfg.data.sources, cfg.data.seed, "source")
+        self.eval_sources = None
+        if cfg.data.eval is not None:
+            self.eval_sources = [(self._shards(cfg.data.eval, "eval"), 1.0)]
+        ckpt = checkpointing.latest(self.ckpt_root) if resume else None
+        if resume and ckpt is None:
+            warnings.warn(f"--resume: no checkpoint in {self.ckpt_root}; starting from step 0", stacklevel=2)
+        if not resume and checkpointing.latest(self.ckpt_root) is not None:
+            raise ConfigError(f"{self.out} already holds checkpoints: pass --resume to continue that run, or choose "
+                              f"another train.out_dir")
+        torch.manual_seed(t.seed)
+        self.model = self._model(ckpt)
+        self.model.train()
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        self.optimizer = self._optimizer()
+        self.step, self.resumed_from = 0, ckpt
+        if ckpt is not None:
+            state = checkpointing.read_trainer_state(ckpt)
+            checkpointing.load_optimizer(ckpt, self.optimizer)
+            self.loader.load_state_dict(state["loader"])
+            self.step = int(state["step"])
+        (self.out / "run.toml").write_text(to_toml(cfg.to_dict()))
+        self.aux_coef = self.model.cfg.router_aux_loss_coef if t.aux_loss_coef is None else t.aux_loss_coef
+        self._stop_requested = False
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    def _tokenizer(self) -> tuple[Tokenizer, Path | None]:
+        spec = self.cfg.tokenizer
+        if spec.path is not None:
+            path = self.cfg.path(spec.path)
+            return Tokenizer.load(path), (path if path.is_dir() else path.parent)
+        if not spec.train_files:
+            return Tokenizer.load(), None  # the Llama 4 tokenizer
+        out = self.out / "tokenizer"
+        if (out / "tokenizer.model").is_file():
+            return Tokenizer.load(out / "tokenizer.model"), out
+        files = expand_files(self.cfg, SourceSpec(files=spec.train_files, exclude=spec.exclude))
+        print(f"training a {spec.vocab_size}-piece BPE tokenizer on {len(files)} files -> {out}")
+        return train_bpe(read_texts(files), spec.vocab_size, out), out
+
+    def _shards(self, spec: SourceSpec, name: str) -> TokenShards:
+        if spec.shards is not None:
+            return TokenShards(self.cfg.path(spec.shards))
+        files = expand_files(self.cfg, spec)
+        tok_file = self.tokenizer_dir / "tokenizer.model" if self.tokenizer_dir else None
+        key = _fingerprint(files, tok_file if tok_file and tok_file.is_file() else None, spec.text_key)
+        out = self.out / "data" / f"{name}-{key}"
+        if not (out / INDEX_FILE).is_file():
+            print(f"tokenising {len(files)} files -> {out}")
+            info = tokenize_to_shards(files, out, self.tokenizer, text_key=spec.text_key,
+                                      bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id)
+            print(f"  {info.total_documents} documents, {info.total_tokens:,} tokens")
+        return TokenShards(out)
+
+    def _loader(self, specs: list[SourceSpec], seed: int, name: str) -> PackedLoader:
+        sources = [(self._shards(s, f"{name}{i}"), s.weight) for i, s in enumerate(specs)]
+        return PackedLoader(sources, self.cfg.data.seq_len, self.cfg.data.batch_size, seed=seed)
+
+    def model_config(self) -> ModelConfig:
+        spec = self.cfg.model
+        base = load_config(self.cfg.path(spec.init_from)) if spec.init_from else preset(spec.preset)
+        changes = dict(spec.overrides)
+        tok = self.tokenizer
+        changes.setdefault("vocab_size", tok.vocab_size)
+        if changes["vocab_size"] < tok.vocab_size:
+            raise ConfigError(f"model.vocab_size={changes['vocab_size']} is smaller than the tokenizer's "
+                              f"{tok.vocab_size} ids")
+        changes.setdefault("bos_token_id", tok.bos_id)
+        changes.setdefault("eos_token_id", (tok.eos_id, tok.eom_id, tok.eot_id))
+        changes.setdefault("pad_token_id", tok.pad_id)
+        for name, token in (("image_token_id", "<|patch|>"), ("boi_token_id", "<|image_start|>"),
+                            ("eoi_token_id", "<|image_end|>")):
+            changes.setdefault(name, tok.token_id(token))
+        if self.cfg.data.seq_len > base.replace(**changes).max_seq_len:
+            raise ConfigError(f"data.seq_len={self.cfg.data.seq_len} exceeds the model's max_seq_len")
+        return base.replace(**changes)
+
+    def _model(self, ckpt: Path | None) -> Transformer:
+        if ckpt is not None:
+            return checkpoint.load(ckpt / checkpointing.MODEL_DIR, dtype=torch.float32)
+        if self.cfg.model.init_from:
+            model = checkpoint.load(self.cfg.path(self.cfg.model.init_from), dtype=torch.float32)
+            if model.cfg.vocab_size < self.tokenizer.vocab_size:
+                raise ConfigError("init_from model's vocab is smaller than the tokenizer's")
+            return model
+        return Transformer(self.model_config())
+
+    def _optimizer(self) -> torch.optim.AdamW:
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)  # norms' scales are not decayed
+        return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}],
+                                 lr=o.lr, betas=o.betas, eps=o.eps, foreach=True)
+
+    # -- the step ----------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.cfg.train.dtype == "bf16":
+            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:
+        with self._autocast():
+            logits, router_logits = self.model(batch["tokens"], positions=batch["positions"],
+                                               doc_ids=batch["doc_ids"], return_router_logits=True)
+        loss, parts = cross_entropy(logits, batch["targets"], batch["loss_mask"], self.cfg.train.z_loss)
+        if router_logits and self.aux_coef:
+            aux = load_balancing_loss(router_logits, self.model.cfg.n_experts, self.model.cfg.top_k)
+            loss = loss + self.aux_coef * aux
+            parts["aux"] = aux.detach()
+        return loss, parts, router_logits
+
+    def train_step(self) -> dict[str, Any]:
+        t, cfg = self.cfg.train, self.model.cfg
+        lr = lr_at(self.step, t.steps, self.cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        totals: dict[str, float] = {}
+        for _ in range(t.grad_accum):
+            loss, parts, router_logits = self._forward(self.loader.next_batch())
+            (loss / t.grad_accum).backward()
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / t.grad_accum
+        if self.cfg.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters()
+                                                              if p.grad is not None]))
+        if not math.isfinite(totals["loss"]):
+            raise FloatingPointError(f"loss is {totals['loss']} at step {self.step}: lower optim.lr or use fp32")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        metrics = {**totals, "lr": lr, "grad_norm": float(grad_norm)}
+        if router_logits:
+            metrics |= expert_load(router_logits, cfg.n_experts, cfg.top_k)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.eval_sources is None:
+            return None
+        loader = PackedLoader(self.eval_sources, self.cfg.data.seq_len, self.cfg.data.batch_size,
+                              seed=self.cfg.data.seed)
+        self.model.eval()
+        total, n = 0.0, 0
+        # at most one pass over the eval windows: more batches would count windows twice
+        for _ in range(min(self.cfg.train.eval_batches, max(1, loader.sources[0].n // loader.batch_size))):
+            batch = loader.next_batch()
+            with self._autocast():
+                logits = self.model(batch["tokens"], positions=batch["positions"], doc_ids=batch["doc_ids"])
+            _, parts = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+            total, n = total + float(parts["ce"]), n + 1
+        self.model.train()
+        return total / max(n, 1)
+
+    def save(self, metrics: dict[str, Any] | None = None) -> Path:
+        state = {"loader": self.loader.state_dict(), "config": self.cfg.to_dict(), "metrics": metrics or {}}
+        return checkpointing.save(self.ckpt_root, self.step, self.model, self.optimizer, state,
+                                  tokenizer_dir=self.tokenizer_dir, keep=self.cfg.train.keep_checkpoints)
+
+    # -- the run -----------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.train
+        tokens_per_step = self.cfg.data.batch_size * self.cfg.data.seq_len * t.grad_accum
+        log = MetricsLog(self.out, t.tensorboard)
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=self.progress is False,
+                   dynamic_ncols=True)
+        last: dict[str, Any] = {}
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def request_stop(signum, frame):
+            self._stop_requested = True
+            bar.write("stopping after this step (a checkpoint will be saved); press Ctrl-C again to abort")
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
+
+        for s in previous:
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+                signal.signal(s, request_stop)
+        try:
+            window_start, window_steps = time.perf_counter(), 0
+            while self.step < t.steps and not self._stop_requested:
+                metrics = self.train_step()
+                window_steps += 1
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    elapsed = time.perf_counter() - window_start
+                    metrics["tokens_per_s"] = window_steps * tokens_per_step / elapsed
+                    metrics["tokens"] = self.step * tokens_per_step
+                    window_start, window_steps = time.perf_counter(), 0
+                    log.write(self.step, metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                                    lr=f"{metrics['lr']:.2e}")
+                    last = metrics
+                if self.step % t.eval_every == 0 or self.step == t.steps:
+                    eval_loss = self.evaluate()
+                    if eval_loss is not None:
+                        log.write(self.step, {"eval_loss": eval_loss})
+                        last["eval_loss"] = eval_loss
+                        bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
+                    window_start = time.perf_counter()  # evaluation time is not training throughput
+                if self.step % t.ckpt_every == 0 or self.step == t.steps:
+                    self.save(_summary(last))
+                    window_start = time.perf_counter()
+                bar.update(1)
+            if self._stop_requested and self.step < t.steps:
+                path = self.save(_summary(last))
+                bar.write(f"stopped at step {self.step}; resume with --resume (checkpoint {path})")
+        finally:
+            bar.close()
+            log.close()
+            for s, h in previous.items():
+                with contextlib.suppress(ValueError):
+                    signal.signal(s, h)
+        return last
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if not k.startswith("moe/layer")}
+
+
+class MetricsLog:
+    """metrics.jsonl (always) and TensorBoard (when installed and wanted)."""
+
+    def __init__(self, out: Path, tensorboard: bool):
+        self.file = open(out / "metrics.jsonl", "a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out / "tb"))
+            except ImportError:
+                warnings.warn("tensorboard is not installed (pip install 'herd[train]'): metrics go to "
+                              "metrics.jsonl only", stacklevel=3)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        self.file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
