@@ -1,23 +1,14 @@
 """What a benchmark ran on, and how its section lands in benchmarks/RESULTS.md."""
 
-import platform
 from pathlib import Path
 
 import torch
 
+from herd.info import cpu_name
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 _HEADER = ("# Benchmark results\n\nEach section: one command, one machine, one date. Ratios are against an anchor "
            "measured in the same run.\n\n")
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def describe(device: str = "cpu") -> str:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -124,12 +125,23 @@ class LLM:
         return torch.bfloat16 if self.engine.dtype == torch.bfloat16 else torch.float32
 
 
-def load(path_or_preset: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+def default_model_dir() -> Path:
+    """The embedded default, herd-pico (``models/herd-pico`` in the source tree; ``HERD_DEFAULT_MODEL`` overrides)."""
+    env = os.environ.get("HERD_DEFAULT_MODEL")
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "models" / "herd-pico"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the default model is not at {path} (it ships in herd's source tree, not in a wheel): "
+                                f"give a model directory, or set HERD_DEFAULT_MODEL")
+    return path
+
+
+def load(path_or_preset: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
          seed: int = 0, prefill_chunk: int = 512, compile: bool = False) -> LLM:
-    """An HF model directory, or a preset name (random weights: for tests and smoke runs only).
+    """An HF model directory, or a preset name (random weights: for tests and smoke runs only); None loads the
+    embedded default, herd-pico.
 
     compile: decode through torch.compile (CUDA graphs on GPU): faster per token after a one-off compilation."""
-    path = Path(path_or_preset)
+    path = default_model_dir() if path_or_preset is None else Path(path_or_preset)
     if path.exists():
         return LLM(load_checkpoint(path, dtype=dtype, device=device), Tokenizer.for_model(path), prefill_chunk,
                    compile)

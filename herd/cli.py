@@ -42,10 +42,12 @@ def _params(args: argparse.Namespace):
 def _load(args: argparse.Namespace):
     from herd.api import load
 
-    return load(args.model_dir, dtype=args.dtype, device=args.device, compile=args.compile)
+    return load(args.model_dir, dtype=args.dtype, device=args.device, compile=args.compile)  # None: herd-pico
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    if args.prompt is None and args.batch_file is None and args.model_dir is not None:
+        args.model_dir, args.prompt = None, args.model_dir  # `herd generate PROMPT`: the default model
     params = _params(args)
     if args.batch_file is not None:
         try:
@@ -101,7 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(r))
         return
-    print(f"{args.model_dir}: batch {r['batch']}, prompt {r['prompt_len']}, {r['new_tokens']} new tokens, "
+    print(f"{args.model_dir or 'herd-pico'}: batch {r['batch']}, prompt {r['prompt_len']}, {r['new_tokens']} new tokens, "
           f"{r['dtype']} on {r['device']}")
     print(f"  prefill {r['prefill_tok_s']:10.1f} tok/s   ({r['prefill_s']:.3f} s)")
     print(f"  decode  {r['decode_tok_s']:10.1f} tok/s   ({r['decode_s']:.3f} s)")
@@ -141,7 +143,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def _add_model_args(s: argparse.ArgumentParser, dtype_default: str | None = None) -> None:
-    s.add_argument("model_dir", help="HF model directory (or a preset name: random weights)")
+    s.add_argument("model_dir", nargs="?", default=None,
+                   help="HF model directory, or a preset name (random weights); default: the embedded herd-pico")
     s.add_argument("--dtype", default=dtype_default, help="bf16 | fp32 (default: as stored)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--compile", action="store_true",

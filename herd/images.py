@@ -213,6 +213,13 @@ def tile_image(img: torch.Tensor, cfg: ImageConfig = ImageConfig(),
     dtype=torch.bfloat16 reproduces HF's default output bit for bit (it rounds to bfloat16 before scaling);
     float32 equals HF's float32 normalisation to ~1e-7.
     """
+    tiles, grid = tile_image_uint8(img, cfg)
+    return ProcessedImage(normalize_tiles(tiles, dtype), grid)
+
+
+def tile_image_uint8(img: torch.Tensor, cfg: ImageConfig = ImageConfig()) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The tiles before normalisation: ([rows*cols (+1 thumbnail), 3, tile, tile] uint8, (rows, cols)). Training
+    data stores these (a quarter of the bytes of float32) and normalises when it serves them."""
     if img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != 3:
         raise ImageError(f"tile_image takes a [3, H, W] uint8 tensor (see load_image), "
                          f"got {img.dtype} {tuple(img.shape)}")
@@ -225,8 +232,12 @@ def tile_image(img: torch.Tensor, cfg: ImageConfig = ImageConfig(),
     if rows * cols > 1:  # global view: the whole image squashed to one tile
         thumb = TF.resize(img, [t, t], interpolation=bilinear, antialias=True)  # [3, t, t]
         tiles = torch.cat([tiles, thumb[None]])
-    pixels = (tiles.to(dtype) * (1 / 255) - 0.5) / 0.5  # HF: rescale, then normalise with mean = std = 0.5
-    return ProcessedImage(pixels, (rows, cols))
+    return tiles, (rows, cols)
+
+
+def normalize_tiles(tiles_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 tiles -> model input in [-1, 1]: HF's rescale, then normalise with mean = std = 0.5."""
+    return (tiles_uint8.to(dtype) * (1 / 255) - 0.5) / 0.5
 
 
 def process_images(images: Sequence[Any], cfg: ImageConfig = ImageConfig(),

@@ -8,7 +8,9 @@ is in the total but not in the active count, which is per text token, as in Meta
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -140,3 +142,14 @@ def render(c: Census, title: str) -> str:
         fits = "fits one 80 GB GPU" if nbytes <= GPU_BYTES else f"needs >= {gpus} x 80 GB GPUs"
         lines.append(f"    {fmt:<5}{nbytes / 1e9:10.1f} GB   {fits} (weights only, before KV cache)")
     return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    """The CPU model (for benchmark and training reports)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

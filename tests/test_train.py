@@ -343,3 +343,63 @@ def test_bpe_tokenizer_layout_and_parity(corpus):
         assert ids == hf.encode(text, add_special_tokens=False).ids == from_json.encode(text)
         assert tok.decode(ids) == text
     assert hf.token_to_id("<|begin_of_text|>") == tok.bos_id
+
+
+# -- image+text samples ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_corpus(corpus, tmp_path_factory) -> Path:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(4):  # small pictures: one tile each
+        Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(root / f"pic{i}.png")
+    Image.fromarray(rng.integers(0, 255, (340, 700, 3), dtype=np.uint8)).save(root / "wide.png")  # 1x2 tiles + thumb
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    lines = [json.dumps({"text": _text(rng, 3), "images": [f"pic{i % 4}.png"]}) for i in range(8)]
+    lines += [json.dumps({"text": "a wide one", "images": ["wide.png"]}),  # too long for seq_len 192
+              json.dumps({"text": "broken", "images": ["broken.png"]}),
+              json.dumps({"text": "no such file", "images": ["missing.png"]}),
+              "{not json"]
+    (root / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_image_text_set_and_rows(tmp_path, corpus, image_corpus):
+    from herd.images import ImageConfig
+    from herd.train.data import PackedLoader
+    from herd.train.image_text import ImageTextSet, tokenize_image_text
+
+    tok = Tokenizer.load(corpus / "tok")
+    with pytest.warns(UserWarning, match="skipped bad records"):
+        info = tokenize_image_text([image_corpus / "samples.jsonl"], tmp_path / "set", tok, 144, ImageConfig(), 192)
+    assert info["samples"] == 8 and info["tiles"] == 8
+    assert info["bad_records"]["too_long"] == 1 and info["bad_records"]["bad_image"] == 2
+    assert info["bad_records"]["invalid_json"] == 1
+    data = ImageTextSet(tmp_path / "set")
+    batch = PackedLoader([(data, 1.0)], seq_len=192, batch_size=3, seed=0).next_batch()
+    patch = tok.token_id("<|patch|>")
+    assert batch["pixel_values"].shape == (3, 3, 336, 336)
+    assert int((batch["tokens"] == patch).sum()) == 3 * 144
+    assert float(batch["pixel_values"].min()) >= -1 and float(batch["pixel_values"].max()) <= 1
+    # the loss covers the text: no target inside the image span, none on padding
+    span = (batch["targets"] == patch) | (batch["targets"] == tok.token_id("<|image_end|>"))
+    assert not (batch["loss_mask"] & span).any()
+    assert not (batch["loss_mask"] & (batch["targets"] == tok.pad_id)).any()
+    assert batch["loss_mask"].sum() > 0
+
+
+def test_training_on_image_text_and_text_mixture(tmp_path, corpus, image_corpus):
+    recipe = _recipe(corpus, tmp_path / "run", steps=3)
+    recipe["model"] = {"preset": "tiny-vision", "n_layers": 2}
+    recipe["data"]["seq_len"] = 192
+    recipe["data"]["sources"].append({"files": [str(image_corpus / "samples.jsonl")], "images_key": "images",
+                                      "weight": 2.0})
+    with pytest.warns(UserWarning, match="skipped bad records"):
+        trainer = Trainer(from_dict(recipe), progress=False)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.startswith("vision.")}
+    batch = trainer.loader.next_batch()
+    assert "pixel_values" in batch and (batch["source"] == 1).any()
+    trainer.fit()
+    changed = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert len(changed) == len(before)  # every vision weight was trained through the fused sequence

@@ -49,6 +49,7 @@ class SourceSpec:
     shards: str | None = None  # or an already tokenised shard set (herd.train.data)
     weight: float = 1.0
     text_key: str = "text"
+    images_key: str | None = None  # JSONL image+text samples: this field lists image paths (herd.train.image_text)
 
 
 @dataclass

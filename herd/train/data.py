@@ -74,12 +74,12 @@ class ShardSetInfo:
 
 
 @dataclass
-class _BadLog:
+class BadLog:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_KINDS, 0))
     where: dict[str, list[str]] = field(default_factory=dict)  # kind -> first few locations
 
     def add(self, kind: str, where: str) -> None:
-        self.counts[kind] += 1
+        self.counts[kind] = self.counts.get(kind, 0) + 1
         locs = self.where.setdefault(kind, [])
         if len(locs) < _MAX_LINES_IN_WARNING:
             locs.append(where)
@@ -95,7 +95,7 @@ class _BadLog:
         warnings.warn(f"{path}: skipped bad records: {'; '.join(parts)}", stacklevel=3)
 
 
-def _check_text(text: object, where: str, bad: _BadLog) -> str | None:
+def check_text(text: object, where: str, bad: BadLog) -> str | None:
     if not isinstance(text, str):
         bad.add("missing_text", where)
         return None
@@ -105,17 +105,18 @@ def _check_text(text: object, where: str, bad: _BadLog) -> str | None:
     return text
 
 
-def _read_txt(path: Path, bad: _BadLog) -> Iterator[str]:
+def _read_txt(path: Path, bad: BadLog) -> Iterator[str]:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         bad.add("undecodable", f"byte {e.start}")
         return
-    if (text := _check_text(text, "file", bad)) is not None:
+    if (text := check_text(text, "file", bad)) is not None:
         yield text
 
 
-def _read_jsonl(path: Path, text_key: str, bad: _BadLog) -> Iterator[str]:
+def read_jsonl_records(path: Path, bad: BadLog) -> Iterator[tuple[str, dict]]:
+    """(location, record) for each line of a JSONL file that is a JSON object; the rest is counted in ``bad``."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"line {lineno}"
@@ -134,11 +135,16 @@ def _read_jsonl(path: Path, text_key: str, bad: _BadLog) -> Iterator[str]:
             if not isinstance(record, dict):
                 bad.add("invalid_json", where)
                 continue
-            if (text := _check_text(record.get(text_key), where, bad)) is not None:
-                yield text
+            yield where, record
 
 
-def _read_parquet(path: Path, text_key: str, bad: _BadLog) -> Iterator[str]:
+def _read_jsonl(path: Path, text_key: str, bad: BadLog) -> Iterator[str]:
+    for where, record in read_jsonl_records(path, bad):
+        if (text := check_text(record.get(text_key), where, bad)) is not None:
+            yield text
+
+
+def _read_parquet(path: Path, text_key: str, bad: BadLog) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
@@ -156,14 +162,14 @@ def _read_parquet(path: Path, text_key: str, bad: _BadLog) -> Iterator[str]:
                 except UnicodeDecodeError:
                     bad.add("undecodable", f"row {row}")
                     continue
-            if (text := _check_text(text, f"row {row}", bad)) is not None:
+            if (text := check_text(text, f"row {row}", bad)) is not None:
                 yield text
 
 
-def iter_documents(path: Path, text_key: str = "text", bad: _BadLog | None = None) -> Iterator[str]:
+def iter_documents(path: Path, text_key: str = "text", bad: BadLog | None = None) -> Iterator[str]:
     """The documents of one source file, bad records skipped (and counted in ``bad``)."""
     path = Path(path)
-    bad = bad if bad is not None else _BadLog()
+    bad = bad if bad is not None else BadLog()
     suffix = path.suffix.lower()
     if suffix == ".txt":
         yield from _read_txt(path, bad)
@@ -263,7 +269,7 @@ def tokenize_to_shards(
     try:
         for path in sources:
             path = Path(path)
-            bad = _BadLog()
+            bad = BadLog()
             for text in iter_documents(path, text_key, bad):
                 ids = np.asarray(prefix + list(tokenizer.encode(text)) + suffix, dtype=np.int64)
                 if len(ids) == 0:
@@ -319,6 +325,10 @@ class TokenShards:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def rows(self, seq_len: int) -> _SourceWindows:
+        """The loader's view: packed windows of ``seq_len + 1`` tokens."""
+        return _SourceWindows(self, seq_len)
+
     def documents(self) -> Iterator[np.ndarray]:
         """Every document's token ids (views into the memory maps), in order."""
         for toks, starts in zip(self.tokens, self.doc_starts):
@@ -358,12 +368,6 @@ class _SourceWindows:
         counts = [max(0, (len(t) - 1) // seq_len) for t in shards.tokens]
         self.cum = np.cumsum([0] + counts)
         self.n = int(self.cum[-1])
-        self._perm: tuple[int, np.ndarray] | None = None  # (epoch, permutation)
-
-    def order(self, seed: int, source: int, epoch: int) -> np.ndarray:
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([seed, source, epoch]).permutation(self.n))
-        return self._perm[1]
 
     def window(self, w: int) -> dict[str, np.ndarray]:
         shard = int(np.searchsorted(self.cum, w, side="right") - 1)
@@ -381,7 +385,8 @@ _MIXTURE_STREAM = 0x6D6978  # keeps the mixture generator's seed apart from the 
 class PackedLoader:
     """Endless, deterministic, resumable batches of packed windows from a weighted mixture of shard sets."""
 
-    def __init__(self, sources: list[tuple[TokenShards, float]], seq_len: int, batch_size: int, seed: int = 0):
+    def __init__(self, sources: list[tuple[Any, float]], seq_len: int, batch_size: int, seed: int = 0):
+        """sources: (TokenShards or herd.train.image_text.ImageTextSet, weight) pairs."""
         if not sources:
             raise ValueError("no sources")
         if seq_len < 1 or batch_size < 1:
@@ -391,7 +396,8 @@ class PackedLoader:
             raise ValueError(f"source weights must be finite and > 0, got {weights.tolist()}")
         self.weights = weights / weights.sum()
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.sources = [_SourceWindows(s, seq_len) for s, _ in sources]
+        self.sources = [s.rows(seq_len) for s, _ in sources]
+        self._perm: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its window order)
         for i, src in enumerate(self.sources):
             if src.n == 0:
                 raise ValueError(f"source {i} ({src.shards.path}) has no shard of more than {seq_len} tokens")
@@ -404,17 +410,26 @@ class PackedLoader:
         if self.cursor[i] == src.n:
             self.epoch[i] += 1
             self.cursor[i] = 0
-        w = int(src.order(self.seed, i, self.epoch[i])[self.cursor[i]])
+        w = int(self._order(i)[self.cursor[i]])
         self.cursor[i] += 1
         return src.window(w)
+
+    def _order(self, i: int) -> np.ndarray:
+        epoch = self.epoch[i]
+        if self._perm.get(i, (None,))[0] != epoch:
+            self._perm[i] = (epoch, np.random.default_rng([self.seed, i, epoch]).permutation(self.sources[i].n))
+        return self._perm[i][1]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, _MIXTURE_STREAM, self.step])
         picks = rng.choice(len(self.sources), size=self.batch_size, p=self.weights)
         rows = [self._next_window(int(i)) for i in picks]
         self.step += 1
+        pixels = [r.pop("pixel_values") for r in rows if "pixel_values" in r]  # image-text rows
         batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
         batch = {k: v if k == "loss_mask" else v.long() for k, v in batch.items()}
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)  # row order = the order the model fills <|patch|>es
         batch["source"] = torch.from_numpy(picks.astype(np.int64))
         return batch
 

@@ -42,7 +42,9 @@ from herd.tokenizer import Tokenizer
 from herd.train import checkpointing
 from herd.train.bpe import read_texts, train_bpe
 from herd.train.config import RunConfig, SourceSpec, to_toml
+from herd.images import ImageConfig
 from herd.train.data import INDEX_FILE, PackedLoader, TokenShards, tokenize_to_shards
+from herd.train.image_text import ImageTextSet, tokenize_image_text
 from herd.train.losses import cross_entropy, expert_load, load_balancing_loss
 from herd.train.schedule import lr_at
 
@@ -90,11 +92,17 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.tokenizer, self.tokenizer_dir = self._tokenizer()
+        ckpt = checkpointing.latest(self.ckpt_root) if resume else None
+        if ckpt is not None:
+            self.model_cfg = load_config(ckpt / checkpointing.MODEL_DIR)
+        elif cfg.model.init_from:
+            self.model_cfg = load_config(cfg.path(cfg.model.init_from))
+        else:
+            self.model_cfg = self.model_config()
         self.loader = self._loader(cfg.data.sources, cfg.data.seed, "source")
         self.eval_sources = None
         if cfg.data.eval is not None:
             self.eval_sources = [(self._shards(cfg.data.eval, "eval"), 1.0)]
-        ckpt = checkpointing.latest(self.ckpt_root) if resume else None
         if resume and ckpt is None:
             warnings.warn(f"--resume: no checkpoint in {self.ckpt_root}; starting from step 0", stacklevel=2)
         if not resume and checkpointing.latest(self.ckpt_root) is not None:
@@ -106,12 +114,13 @@ class Trainer:
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         self.optimizer = self._optimizer()
-        self.step, self.resumed_from = 0, ckpt
+        self.step, self.resumed_from, self.train_time = 0, ckpt, 0.0
         if ckpt is not None:
             state = checkpointing.read_trainer_state(ckpt)
             checkpointing.load_optimizer(ckpt, self.optimizer)
             self.loader.load_state_dict(state["loader"])
             self.step = int(state["step"])
+            self.train_time = float(state.get("train_time_s", 0.0))
         (self.out / "run.toml").write_text(to_toml(cfg.to_dict()))
         self.aux_coef = self.model.cfg.router_aux_loss_coef if t.aux_loss_coef is None else t.aux_loss_coef
         self._stop_requested = False
@@ -131,13 +140,29 @@ class Trainer:
         print(f"training a {spec.vocab_size}-piece BPE tokenizer on {len(files)} files -> {out}")
         return train_bpe(read_texts(files), spec.vocab_size, out), out
 
-    def _shards(self, spec: SourceSpec, name: str) -> TokenShards:
+    def _shards(self, spec: SourceSpec, name: str) -> TokenShards | ImageTextSet:
         if spec.shards is not None:
-            return TokenShards(self.cfg.path(spec.shards))
+            path = self.cfg.path(spec.shards)
+            return ImageTextSet(path) if spec.images_key else TokenShards(path)
         files = expand_files(self.cfg, spec)
         tok_file = self.tokenizer_dir / "tokenizer.model" if self.tokenizer_dir else None
-        key = _fingerprint(files, tok_file if tok_file and tok_file.is_file() else None, spec.text_key)
+        extra = spec.text_key
+        if spec.images_key:
+            vision = self.model_cfg.vision
+            if vision is None:
+                raise ConfigError(f"data source {spec.files} has images ({spec.images_key!r}) but the model has no "
+                                  f"vision_config (use a vision preset such as tiny-vision, or drop images_key)")
+            extra += f"|{spec.images_key}|{vision.image_size}|{vision.tokens_per_tile}|{self.cfg.data.seq_len}"
+        key = _fingerprint(files, tok_file if tok_file and tok_file.is_file() else None, extra)
         out = self.out / "data" / f"{name}-{key}"
+        if spec.images_key:
+            if not (out / INDEX_FILE).is_file():
+                print(f"tokenising and tiling {len(files)} image-text files -> {out}")
+                info = tokenize_image_text(files, out, self.tokenizer, vision.tokens_per_tile,
+                                           ImageConfig(tile_size=vision.image_size), self.cfg.data.seq_len,
+                                           spec.text_key, spec.images_key)
+                print(f"  {info['samples']} samples, {info['tiles']} tiles, {info['tokens']:,} tokens")
+            return ImageTextSet(out)
         if not (out / INDEX_FILE).is_file():
             print(f"tokenising {len(files)} files -> {out}")
             info = tokenize_to_shards(files, out, self.tokenizer, text_key=spec.text_key,
@@ -176,7 +201,7 @@ class Trainer:
             if model.cfg.vocab_size < self.tokenizer.vocab_size:
                 raise ConfigError("init_from model's vocab is smaller than the tokenizer's")
             return model
-        return Transformer(self.model_config())
+        return Transformer(self.model_cfg)
 
     def _optimizer(self) -> torch.optim.AdamW:
         o = self.cfg.optim
@@ -197,7 +222,8 @@ class Trainer:
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:
         with self._autocast():
             logits, router_logits = self.model(batch["tokens"], positions=batch["positions"],
-                                               doc_ids=batch["doc_ids"], return_router_logits=True)
+                                               doc_ids=batch["doc_ids"], return_router_logits=True,
+                                               pixel_values=batch.get("pixel_values"))
         loss, parts = cross_entropy(logits, batch["targets"], batch["loss_mask"], self.cfg.train.z_loss)
         if router_logits and self.aux_coef:
             aux = load_balancing_loss(router_logits, self.model.cfg.n_experts, self.model.cfg.top_k)
@@ -243,14 +269,16 @@ class Trainer:
         for _ in range(min(self.cfg.train.eval_batches, max(1, loader.sources[0].n // loader.batch_size))):
             batch = loader.next_batch()
             with self._autocast():
-                logits = self.model(batch["tokens"], positions=batch["positions"], doc_ids=batch["doc_ids"])
+                logits = self.model(batch["tokens"], positions=batch["positions"], doc_ids=batch["doc_ids"],
+                                    pixel_values=batch.get("pixel_values"))
             _, parts = cross_entropy(logits, batch["targets"], batch["loss_mask"])
             total, n = total + float(parts["ce"]), n + 1
         self.model.train()
         return total / max(n, 1)
 
     def save(self, metrics: dict[str, Any] | None = None) -> Path:
-        state = {"loader": self.loader.state_dict(), "config": self.cfg.to_dict(), "metrics": metrics or {}}
+        state = {"loader": self.loader.state_dict(), "config": self.cfg.to_dict(), "metrics": metrics or {},
+                 "train_time_s": self.train_time}
         return checkpointing.save(self.ckpt_root, self.step, self.model, self.optimizer, state,
                                   tokenizer_dir=self.tokenizer_dir, keep=self.cfg.train.keep_checkpoints)
 
@@ -275,12 +303,15 @@ class Trainer:
         try:
             window_start, window_steps = time.perf_counter(), 0
             while self.step < t.steps and not self._stop_requested:
+                step_start = time.perf_counter()
                 metrics = self.train_step()
+                self.train_time += time.perf_counter() - step_start
                 window_steps += 1
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     elapsed = time.perf_counter() - window_start
                     metrics["tokens_per_s"] = window_steps * tokens_per_step / elapsed
                     metrics["tokens"] = self.step * tokens_per_step
+                    metrics["train_time_s"] = self.train_time
                     window_start, window_steps = time.perf_counter(), 0
                     log.write(self.step, metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
