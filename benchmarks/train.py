@@ -6,7 +6,7 @@
 
 A step is forward + next-token loss (+ the MoE load-balancing loss for herd, as herd trains) + backward + AdamW,
 under bf16 autocast for "bf16" (weights and optimizer in fp32). Each (implementation, dtype) runs in its own
-process, so its peak RSS is its own. Model FLOPs per token are 6 x active matmul parameters + the causal
+process, so its peak RSS is its own; herd-ac is herd with activation checkpointing. Model FLOPs per token are 6 x active matmul parameters + the causal
 attention products (6 x layers x seq x width, PaLM's formula); MFU divides the achieved FLOP/s by a bf16 matmul
 peak measured in the same run.
 """
@@ -29,13 +29,16 @@ from configs import CONFIGS, param_counts  # noqa: E402
 from report import append_results, describe  # noqa: E402
 
 
-def herd_step_fn(cfg, dtype: str):
+def herd_step_fn(cfg, dtype: str, activation_checkpointing: bool = False):
     from herd.model import Transformer
     from herd.train.losses import cross_entropy, load_balancing_loss
+    from herd.train.trainer import apply_activation_checkpointing
 
     torch.manual_seed(0)
     model = Transformer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step(tokens, targets):
         with _autocast(dtype):
@@ -44,7 +47,7 @@ def herd_step_fn(cfg, dtype: str):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -60,7 +63,7 @@ def hf_step_fn(cfg, dtype: str):
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = Llama4ForCausalLM(hf_cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step(tokens, targets):
         with _autocast(dtype):
@@ -69,7 +72,7 @@ def hf_step_fn(cfg, dtype: str):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -82,7 +85,10 @@ def _autocast(dtype: str):
 
 def measure_one(impl: str, dtype: str, config: str, batch: int, seq: int, steps: int) -> dict:
     cfg = CONFIGS[config]
-    step = (herd_step_fn if impl == "herd" else hf_step_fn)(cfg, dtype)
+    if impl == "transformers":
+        step = hf_step_fn(cfg, dtype)
+    else:
+        step = herd_step_fn(cfg, dtype, activation_checkpointing=impl == "herd-ac")
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen)
     step(tokens[:, :-1], tokens[:, 1:])  # warm-up: allocator, oneDNN primitives, optimizer state
@@ -122,7 +128,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--impls", default="herd,transformers")
+    p.add_argument("--impls", default="herd,herd-ac,transformers",
+                   help="herd-ac: herd with activation checkpointing (every block recomputed in the backward)")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--write", action="store_true")
     p.add_argument("--one", help=argparse.SUPPRESS)  # impl:dtype, run in a child process

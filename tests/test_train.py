@@ -241,7 +241,8 @@ def test_short_run_learns(tmp_path, corpus):
     """The CI-sized run (seconds): 80 steps of a 2-layer MoE on the synthetic corpus take the held-out loss from
     ~ln(vocab) = 7.8 nats to less than a third of that (0.9 nats measured)."""
     out = tmp_path / "run"
-    trainer = Trainer(from_dict(_recipe(corpus, out, steps=80, eval_every=80, log_every=10)), progress=False)
+    trainer = Trainer(from_dict(_recipe(corpus, out, steps=80, eval_every=80, log_every=10, tensorboard=True)),
+                      progress=False)
     initial = trainer.evaluate()
     final = trainer.fit()
     assert initial > math.log(trainer.model.cfg.vocab_size) - 0.5
@@ -249,6 +250,7 @@ def test_short_run_learns(tmp_path, corpus):
     assert final["moe/max_over_mean"] < 4.0  # every expert still gets tokens on some layer: not collapsed
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"lr", "grad_norm", "tokens_per_s", "aux", "moe/layer1/entropy"} <= rows[0].keys()
+    assert any(f.name.startswith("events.out.tfevents") for f in (out / "tb").iterdir())
 
 
 def test_export_loads_in_herd_and_transformers(tmp_path, corpus):
@@ -263,6 +265,7 @@ def test_export_loads_in_herd_and_transformers(tmp_path, corpus):
     from herd.cli import main
 
     assert main(["export", str(out), str(exported), "--dtype", "fp32"]) == 0
+    assert (exported / "loss.png").stat().st_size > 0 and "final eval loss" in (exported / "TRAINING.md").read_text()
     model = checkpoint.load(exported)
     for (n, p), q in zip(trainer.model.named_parameters(), model.parameters()):
         assert torch.equal(p, q), n

@@ -19,18 +19,69 @@ _FUSED_ROWS = 4  # up to this many rows a compiled expert product is a fused mul
 
 def grouped_mm(x_ND: torch.Tensor, w_EMK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Rows x[offsets[e-1]:offsets[e]] multiply w[e].T. x [N, K] sorted by expert, w [E, M, K] (out x in) -> [N, M]."""
+    if (x_ND.device.type == "cpu" and torch.is_grad_enabled() and (x_ND.requires_grad or w_EMK.requires_grad)
+            and not torch.compiler.is_compiling()):
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            x_ND, w_EMK = x_ND.to(dtype), w_EMK.to(dtype)
+        return _GroupedMM.apply(x_ND, w_EMK.to(x_ND.dtype), offsets_E)
     if _HAS_GROUPED_MM and _grouped_kernel_ok(x_ND, w_EMK):
         return torch._grouped_mm(x_ND, w_EMK.transpose(-2, -1), offs=offsets_E)
     if torch.compiler.is_compiling():
         # fixed shapes and no host sync inside a graph: each row multiplies its own expert's weights, gathered
         expert_N = torch.searchsorted(offsets_E, torch.arange(x_ND.shape[0], device=x_ND.device), right=True)
         return per_row_mm(x_ND, w_EMK, expert_N)
+    return _grouped_loop(x_ND, w_EMK, offsets_E)
+
+
+def _grouped_nograd(x_ND: torch.Tensor, w_EMK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    if _HAS_GROUPED_MM and _aligned(x_ND, w_EMK):
+        return torch._grouped_mm(x_ND, w_EMK.transpose(-2, -1), offs=offsets_E)
+    return _grouped_loop(x_ND, w_EMK, offsets_E)
+
+
+def _grouped_loop(x_ND: torch.Tensor, w_EMK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     out, start = x_ND.new_empty(x_ND.shape[0], w_EMK.shape[1]), 0
     for e, end in enumerate(offsets_E.tolist()):
         if end > start:
             out[start:end] = x_ND[start:end] @ w_EMK[e].T
         start = end
     return out
+
+
+def _aligned(*ts: torch.Tensor) -> bool:
+    # torch's grouped kernel wants equal dtypes and 16-byte aligned rows
+    return len({t.dtype for t in ts}) == 1 and all((t.shape[-1] * t.element_size()) % 16 == 0 for t in ts)
+
+
+class _GroupedMM(torch.autograd.Function):
+    """grouped_mm for CPU training, with its backward as two more grouped products: grad_x = grad_out[rows] @ w[e]
+    and grad_w[e] = grad_out[rows].T @ x[rows]. Autograd through per-expert slices of w instead would allocate
+    and zero a full [E, M, K] gradient for every expert (E x the weight's bytes per step), and torch's CPU
+    grouped kernel has no backward of its own (torch 2.14)."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w_EMK, offsets_E):
+        ctx.save_for_backward(x_ND, w_EMK, offsets_E)
+        return _grouped_nograd(x_ND, w_EMK, offsets_E)
+
+    @staticmethod
+    def backward(ctx, grad_NM):
+        x_ND, w_EMK, offsets_E = ctx.saved_tensors
+        grad_NM = grad_NM.to(x_ND.dtype).contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _grouped_nograd(grad_NM, w_EMK.transpose(1, 2), offsets_E)
+        if ctx.needs_input_grad[1]:
+            if _HAS_GROUPED_MM and _aligned(grad_NM, x_ND):
+                grad_w = torch._grouped_mm(grad_NM.t(), x_ND, offs=offsets_E)  # [E, M, K]; empty groups give 0
+            else:
+                grad_w, start = torch.zeros_like(w_EMK), 0
+                for e, end in enumerate(offsets_E.tolist()):
+                    if end > start:
+                        grad_w[e] = grad_NM[start:end].T @ x_ND[start:end]
+                    start = end
+        return grad_x, grad_w, None
 
 
 def per_row_mm(x_ND: torch.Tensor, w_EMK: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
@@ -43,8 +94,8 @@ def per_row_mm(x_ND: torch.Tensor, w_EMK: torch.Tensor, expert_N: torch.Tensor) 
 
 
 def _grouped_kernel_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    # torch's grouped kernel wants equal dtypes and 16-byte aligned rows; its CPU backward fails (torch 2.14), so
-    # training on CPU takes the loop
+    # torch's grouped kernel wants equal dtypes and 16-byte aligned rows; its CPU backward fails (torch 2.14):
+    # eager CPU training goes through _GroupedMM, a compiled CPU graph with gradients through the loop
     size = x.element_size()
     if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False

@@ -11,6 +11,7 @@ would route differently from the one that was trained.
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor | None = None,
@@ -21,13 +22,12 @@ def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: t
     targets = targets_BT.flatten()
     weight = torch.ones_like(targets, dtype=logits.dtype) if mask_BT is None else mask_BT.flatten().to(logits.dtype)
     n = weight.sum().clamp(min=1.0)
-    lse = torch.logsumexp(logits, dim=-1)
-    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
-    ce = ((lse - target_logit) * weight).sum() / n
+    # torch's fused log-softmax + NLL: one pass forward, one backward (a logsumexp - gather would take several)
+    ce = (F.cross_entropy(logits, targets, reduction="none") * weight).sum() / n
     parts = {"ce": ce.detach()}
     loss = ce
     if z_loss:
-        z = (lse.square() * weight).sum() / n
+        z = (torch.logsumexp(logits, dim=-1).square() * weight).sum() / n
         loss = loss + z_loss * z
         parts["z"] = z.detach()
     return loss, parts

@@ -211,7 +211,7 @@ class Trainer:
                 (decay if p.dim() >= 2 else no_decay).append(p)  # norms' scales are not decayed
         return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                   {"params": no_decay, "weight_decay": 0.0}],
-                                 lr=o.lr, betas=o.betas, eps=o.eps, foreach=True)
+                                 lr=o.lr, betas=o.betas, eps=o.eps, fused=True)  # one kernel over all params
 
     # -- the step ----------------------------------------------------------------------------------------------
     def _autocast(self):
