@@ -119,6 +119,16 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"wrote {args.scheme} model to {out}")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from herd.config import resolve
+    from herd.plan import plan, render
+
+    p = plan(resolve(args.model), str(args.model), args.gpus, args.gpu_mem, args.dtype, args.context, args.batch,
+             args.train, args.tp, args.ep, args.micro_batch, not args.no_ac, reserve_gb=args.reserve,
+             tokens=args.tokens, tflops=args.tflops)
+    print(json.dumps(p.to_dict()) if args.json else render(p))
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from herd.train.config import load_run_config
     from herd.train.trainer import Trainer
@@ -217,6 +227,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lm-head", action="store_true", help="quantize the LM head too")
     s.add_argument("--dtype", default="bf16", help="dtype of the unquantized tensors (default bf16)")
     s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("plan", help="per-GPU memory (weights, KV cache, activations, optimizer) and FLOPs of a "
+                                    "model on N GPUs, for inference or training")
+    s.add_argument("model", help="preset (scout, maverick, behemoth...) or HF model directory")
+    s.add_argument("--gpus", type=int, default=1)
+    s.add_argument("--gpu-mem", type=float, default=80.0, help="GB per GPU (default 80: H100)")
+    s.add_argument("--dtype", default="bf16", choices=["bf16", "fp8", "int8", "int4"],
+                   help="weight format (inference) or matmul precision (training)")
+    s.add_argument("--context", type=int, default=8192, help="tokens per sequence")
+    s.add_argument("--batch", type=int, default=1, help="concurrent sequences per model replica (inference)")
+    s.add_argument("--train", action="store_true", help="plan training (FSDP2 + expert parallel) instead")
+    s.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: min(gpus, 8) for "
+                                                         "inference, 1 for training)")
+    s.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default: all GPUs for inference, "
+                                                         "gcd(gpus, experts) for training)")
+    s.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step (training)")
+    s.add_argument("--no-ac", action="store_true", help="training without activation checkpointing")
+    s.add_argument("--reserve", type=float, default=2.0, help="GB per GPU for CUDA context, buffers, slack")
+    s.add_argument("--tokens", type=float, default=None, help="training tokens (e.g. 30e12): gives days")
+    s.add_argument("--tflops", type=float, default=None, help="achieved TFLOP/s per GPU (training throughput)")
+    s.add_argument("--json", action="store_true", help="print one JSON object (fits, per_gpu_bytes, per_gpu, ...)")
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("train", help="train a model from a TOML recipe; --section.key VALUE overrides the recipe",
                        epilog="example: herd train recipes/pico.toml --train.steps 100 --optim.lr 1e-3")
