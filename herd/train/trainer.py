@@ -43,6 +43,7 @@ from herd.train import checkpointing
 from herd.train.bpe import read_texts, train_bpe
 from herd.train.config import RunConfig, SourceSpec, to_toml
 from herd.images import ImageConfig
+from herd.train.fp8 import apply_fp8
 from herd.train.data import INDEX_FILE, PackedLoader, TokenShards, tokenize_to_shards
 from herd.train.image_text import ImageTextSet, tokenize_image_text
 from herd.train.losses import cross_entropy, expert_load, load_balancing_loss
@@ -111,6 +112,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = self._model(ckpt)
         self.model.train()
+        if t.fp8:
+            apply_fp8(self.model, t.fp8)
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         self.optimizer = self._optimizer()
