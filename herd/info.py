@@ -22,7 +22,8 @@ GPU_BYTES = 80e9  # one H100 / A100-80GB
 _FORMAT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5 + 2 / 128}
 
 
-def _component(name: str) -> str:
+def component(name: str) -> str:
+    """The census component of a parameter name (herd's module names)."""
     if name.startswith("vision."):
         return "vision"
     if name.startswith("embed_tokens"):
@@ -83,7 +84,7 @@ def census(cfg: ModelConfig) -> Census:
         model = Transformer(cfg)
     out = Census(cfg)
     for name, p in model.named_parameters():
-        comp = _component(name)
+        comp = component(name)
         out.by_component[comp] = out.by_component.get(comp, 0) + p.numel()
     out.active_by_component = dict(out.by_component)
     if "vision" in out.active_by_component:  # runs on image tiles, not per text token: not in "17B active"

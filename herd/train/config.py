@@ -20,6 +20,7 @@ from typing import Any
 
 from herd.config import ModelConfig
 from herd.errors import ConfigError
+from herd.train.metap import MetaPSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -101,6 +102,7 @@ class RunConfig:
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
+    metap: MetaPSpec = field(default_factory=MetaPSpec)
     base_dir: str = "."  # where relative paths start (the recipe's folder)
 
     def path(self, p: str | None) -> Path | None:
@@ -127,6 +129,10 @@ class RunConfig:
         for i, s in enumerate(self.data.sources + ([self.data.eval] if self.data.eval else [])):
             if bool(s.files) == bool(s.shards):
                 raise ConfigError(f"data source {i}: give either files or shards")
+        try:
+            self.metap.check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         bad = set(self.model.overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
         if bad:
             raise ConfigError(f"[model] has unknown keys {sorted(bad)} (ModelConfig fields or preset/init_from)")
@@ -237,15 +243,16 @@ def from_dict(raw: dict, base_dir: str | Path = ".") -> RunConfig:
     raw = dict(raw)
     model = dict(raw.pop("model", {}))
     spec = ModelSpec(preset=model.pop("preset", "tiny"), init_from=model.pop("init_from", None), overrides=model)
-    unknown = set(raw) - {"tokenizer", "data", "optim", "train"}
+    unknown = set(raw) - {"tokenizer", "data", "optim", "train", "metap"}
     if unknown:
-        raise ConfigError(f"unknown sections {sorted(unknown)}; known: model, tokenizer, data, optim, train")
+        raise ConfigError(f"unknown sections {sorted(unknown)}; known: model, tokenizer, data, optim, train, metap")
     cfg = RunConfig(
         model=spec,
         tokenizer=_build(TokenizerSpec, raw.get("tokenizer", {}), "tokenizer"),
         data=_build(DataSpec, raw.get("data", {}), "data"),
         optim=_build(OptimSpec, raw.get("optim", {}), "optim"),
         train=_build(TrainSpec, raw.get("train", {}), "train"),
+        metap=_build(MetaPSpec, raw.get("metap", {}), "metap"),
         base_dir=str(base_dir),
     )
     cfg.check()

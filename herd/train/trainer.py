@@ -47,6 +47,7 @@ from herd.train.fp8 import apply_fp8
 from herd.train.data import INDEX_FILE, PackedLoader, TokenShards, tokenize_to_shards
 from herd.train.image_text import ImageTextSet, tokenize_image_text
 from herd.train.losses import cross_entropy, expert_load, load_balancing_loss
+from herd.train.metap import init_metap, param_groups
 from herd.train.schedule import lr_at
 
 
@@ -111,6 +112,8 @@ class Trainer:
                               f"another train.out_dir")
         torch.manual_seed(t.seed)
         self.model = self._model(ckpt)
+        if cfg.metap.enabled and ckpt is None and not cfg.model.init_from:
+            init_metap(self.model, cfg.metap)
         self.model.train()
         if t.fp8:
             apply_fp8(self.model, t.fp8)
@@ -208,6 +211,12 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.AdamW:
         o = self.cfg.optim
+        if self.cfg.metap.enabled:
+            d = self.cfg.data
+            groups = param_groups(self.model, self.cfg.metap, o.lr, o.weight_decay, o.eps,
+                                  batch_tokens=d.batch_size * d.seq_len * self.cfg.train.grad_accum,
+                                  steps=self.cfg.train.steps)
+            return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
         decay, no_decay = [], []
         for p in self.model.parameters():
             if p.requires_grad:
@@ -238,7 +247,7 @@ class Trainer:
         t, cfg = self.cfg.train, self.model.cfg
         lr = lr_at(self.step, t.steps, self.cfg.optim)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # MetaP's per-group scale
         totals: dict[str, float] = {}
         for _ in range(t.grad_accum):
             loss, parts, router_logits = self._forward(self.loader.next_batch())
