@@ -93,8 +93,13 @@ class Trainer:
             warnings.warn(f"removed the unfinished checkpoint {p} (a save was interrupted)", stacklevel=2)
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.tokenizer, self.tokenizer_dir = self._tokenizer()
         ckpt = checkpointing.latest(self.ckpt_root) if resume else None
+        if resume and ckpt is None:
+            warnings.warn(f"--resume: no checkpoint in {self.ckpt_root}; starting from step 0", stacklevel=2)
+        if not resume and checkpointing.latest(self.ckpt_root) is not None:
+            raise ConfigError(f"{self.out} already holds checkpoints: pass --resume to continue that run, or choose "
+                              f"another train.out_dir")
+        self.tokenizer, self.tokenizer_dir = self._tokenizer()
         if ckpt is not None:
             self.model_cfg = load_config(ckpt / checkpointing.MODEL_DIR)
         elif cfg.model.init_from:
@@ -105,11 +110,6 @@ class Trainer:
         self.eval_sources = None
         if cfg.data.eval is not None:
             self.eval_sources = [(self._shards(cfg.data.eval, "eval"), 1.0)]
-        if resume and ckpt is None:
-            warnings.warn(f"--resume: no checkpoint in {self.ckpt_root}; starting from step 0", stacklevel=2)
-        if not resume and checkpointing.latest(self.ckpt_root) is not None:
-            raise ConfigError(f"{self.out} already holds checkpoints: pass --resume to continue that run, or choose "
-                              f"another train.out_dir")
         torch.manual_seed(t.seed)
         self.model = self._model(ckpt)
         if cfg.metap.enabled and ckpt is None and not cfg.model.init_from:
