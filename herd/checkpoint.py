@@ -267,7 +267,7 @@ def write_dir(directory: str | Path, tensors: dict[str, torch.Tensor], hf_config
             (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2))
         _readable_by_all(tmp)
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -297,7 +297,7 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
     return shards
 
 
-def _replace_dir(tmp: Path, directory: Path) -> None:
+def replace_dir(tmp: Path, directory: Path) -> None:
     """Put the finished ``tmp`` at ``directory``. An older checkpoint there is swapped out whole; its other files
     (tokenizer, README...) are carried over."""
     if not directory.exists():

@@ -19,7 +19,7 @@ from herd.model import Transformer
 
 GPU_BYTES = 80e9  # one H100 / A100-80GB
 # bytes per weight by format; int4 adds one bf16 scale per group of 128, fp8 one fp32 scale per row (~0)
-_FORMAT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5 + 2 / 128}
+FORMAT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5 + 2 / 128}
 
 
 def component(name: str) -> str:
@@ -60,7 +60,7 @@ class Census:
     def weight_bytes(self, fmt: str) -> float:
         # embeddings, norms and router stay bf16 in every scheme herd and the references use
         keep = sum(self.by_component.get(c, 0) for c in ("embedding", "norms", "router", "vision"))
-        return keep * 2.0 + (self.total_params - keep) * _FORMAT_BYTES[fmt]
+        return keep * 2.0 + (self.total_params - keep) * FORMAT_BYTES[fmt]
 
     def layers(self) -> list[dict]:
         c = self.config
@@ -69,7 +69,7 @@ class Census:
 
     def to_dict(self) -> dict:
         memory = {fmt: {"bytes": self.weight_bytes(fmt), "fits_one_80gb_gpu": self.weight_bytes(fmt) <= GPU_BYTES}
-                  for fmt in _FORMAT_BYTES}
+                  for fmt in FORMAT_BYTES}
         return {"total_params": self.total_params, "active_params": self.active_params,
                 "params_by_component": self.by_component, "active_params_by_component": self.active_by_component,
                 "n_layers": self.config.n_layers, "moe_layers": list(self.config.moe_layers),
@@ -137,7 +137,7 @@ def render(c: Census, title: str) -> str:
                      "   so it is not part of the per-token active count)")
     lines.append("")
     lines.append("  weight memory (embeddings, norms, router, vision kept in bf16):")
-    for fmt in _FORMAT_BYTES:
+    for fmt in FORMAT_BYTES:
         nbytes = c.weight_bytes(fmt)
         gpus = int(-(-nbytes // GPU_BYTES))
         fits = "fits one 80 GB GPU" if nbytes <= GPU_BYTES else f"needs >= {gpus} x 80 GB GPUs"

@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass, field
 
 from herd.config import ModelConfig
 from herd.errors import ConfigError
-from herd.info import Census, census
+from herd.info import FORMAT_BYTES, Census, census
 
 GB = 1e9
-INT4_BYTES = 0.5 + 2 / 128  # packed nibbles + one bf16 scale per group of 128
+INT4_BYTES = FORMAT_BYTES["int4"]  # packed nibbles + one bf16 scale per group of 128
 DTYPES = ("bf16", "fp8", "int8", "int4")
 _TP_SPLIT = ("embedding", "lm_head", "attention", "dense_ffn", "shared_expert")  # tensor-parallel components
 _QUANTIZED = ("attention", "dense_ffn", "shared_expert", "routed_experts")  # what herd quantize converts

@@ -71,13 +71,7 @@ def save(root: str | Path, step: int, model: Transformer, optimizer: torch.optim
         torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / OPTIMIZER_FILE)
         (tmp / TRAINER_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
         _fsync_tree(tmp)
-        if final.exists():  # the same step saved again (e.g. after a resume): swap it out whole
-            aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=root))
-            os.replace(final, aside / "old")
-            os.replace(tmp, final)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        checkpoint.replace_dir(tmp, final)  # the same step saved again (after a resume) is swapped out whole
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -243,7 +243,8 @@ class Trainer:
             parts["aux"] = aux.detach()
         return loss, parts, router_logits
 
-    def train_step(self) -> dict[str, Any]:
+    def train_step(self, expert_metrics: bool = True) -> dict[str, Any]:
+        """One optimizer step; ``expert_metrics``: add the per-layer expert load (only needed when logging)."""
         t, cfg = self.cfg.train, self.model.cfg
         lr = lr_at(self.step, t.steps, self.cfg.optim)
         for group in self.optimizer.param_groups:
@@ -254,18 +255,15 @@ class Trainer:
             (loss / t.grad_accum).backward()
             for k, v in {"loss": loss.detach(), **parts}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / t.grad_accum
-        if self.cfg.optim.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters()
-                                                              if p.grad is not None]))
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
         if not math.isfinite(totals["loss"]):
             raise FloatingPointError(f"loss is {totals['loss']} at step {self.step}: lower optim.lr or use fp32")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         metrics = {**totals, "lr": lr, "grad_norm": float(grad_norm)}
-        if router_logits:
+        if router_logits and expert_metrics:
             metrics |= expert_load(router_logits, cfg.n_experts, cfg.top_k)
         return metrics
 
@@ -316,10 +314,11 @@ class Trainer:
             window_start, window_steps = time.perf_counter(), 0
             while self.step < t.steps and not self._stop_requested:
                 step_start = time.perf_counter()
-                metrics = self.train_step()
+                log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
+                metrics = self.train_step(expert_metrics=log_now)
                 self.train_time += time.perf_counter() - step_start
                 window_steps += 1
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                if log_now:
                     elapsed = time.perf_counter() - window_start
                     metrics["tokens_per_s"] = window_steps * tokens_per_step / elapsed
                     metrics["tokens"] = self.step * tokens_per_step
