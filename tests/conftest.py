@@ -50,3 +50,16 @@ def herd_from_hf(hf_model, cfg: ModelConfig) -> Transformer:
 @pytest.fixture
 def tmp_model_dir(tmp_path):
     return tmp_path / "model"
+
+
+def text_recipe(tmp_path, **sections) -> dict:
+    """A training recipe over one small text file: the tiny preset with 2 layers, 2 steps; each keyword is a
+    recipe section whose keys are merged over these defaults."""
+    text = tmp_path / "a.txt"
+    text.write_text("the king and the queen speak of love and death. " * 200)
+    recipe = {"model": {"preset": "tiny", "n_layers": 2, "vocab_size": 202048},
+              "data": {"seq_len": 32, "batch_size": 2, "sources": [{"files": [str(text)]}]},
+              "train": {"out_dir": str(tmp_path / "run"), "steps": 2, "tensorboard": False, "log_every": 1}}
+    for name, values in sections.items():
+        recipe[name] = {**recipe.get(name, {}), **values}
+    return recipe

@@ -4,6 +4,7 @@ full precision on a tiny model, and a short training run close to bf16."""
 import pytest
 import torch
 
+from conftest import text_recipe
 from herd.config import preset
 from herd.model import Transformer
 from herd.train.fp8 import E4M3, E5M2, apply_fp8, fp8_linear, quantize_dequantize
@@ -76,12 +77,7 @@ def test_recipe_switch(tmp_path):
     from herd.train.config import from_dict
     from herd.train.trainer import Trainer
 
-    text = tmp_path / "a.txt"
-    text.write_text("the king and the queen speak of love and death. " * 200)
-    recipe = {"model": {"preset": "tiny", "n_layers": 2, "vocab_size": 202048},
-              "data": {"seq_len": 32, "batch_size": 2, "sources": [{"files": [str(text)]}]},
-              "train": {"out_dir": str(tmp_path / "run"), "steps": 2, "fp8": "rowwise", "dtype": "bf16",
-                        "tensorboard": False, "log_every": 1}}
+    recipe = text_recipe(tmp_path, train={"fp8": "rowwise", "dtype": "bf16"})
     trainer = Trainer(from_dict(recipe), progress=False)
     assert type(trainer.model.layers[0].self_attn.q_proj.forward).__name__ == "partial"  # the emulated FP8 path
     assert trainer.fit()["loss"] > 0

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import text_recipe
 from herd.config import preset
 from herd.model import Transformer
 from herd.train.metap import MetaPSpec, coordinate_scales, group_of, init_metap, param_groups
@@ -91,14 +92,9 @@ def test_trainer_uses_metap_groups(tmp_path):
     from herd.train.config import from_dict
     from herd.train.trainer import Trainer
 
-    text = tmp_path / "a.txt"
-    text.write_text("the king and the queen speak of love and death. " * 200)
-    recipe = {"model": {"preset": "tiny", "dim": 128, "n_heads": 8, "n_kv_heads": 4, "n_layers": 2,
-                        "vocab_size": 202048},
-              "data": {"seq_len": 32, "batch_size": 2, "sources": [{"files": [str(text)]}]},
-              "optim": {"lr": 1e-3, "warmup_steps": 1},
-              "metap": {"enabled": True, "base_dim": 64, "base_layers": 2},
-              "train": {"out_dir": str(tmp_path / "run"), "steps": 2, "tensorboard": False, "log_every": 1}}
+    recipe = text_recipe(tmp_path, model={"dim": 128, "n_heads": 8, "n_kv_heads": 4},
+                         optim={"lr": 1e-3, "warmup_steps": 1},
+                         metap={"enabled": True, "base_dim": 64, "base_layers": 2})
     trainer = Trainer(from_dict(recipe), progress=False)
     trainer.fit()
     lrs = {g["metap_group"]: g["lr"] for g in trainer.optimizer.param_groups}
