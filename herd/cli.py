@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -131,18 +133,44 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from herd.train.config import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)  # errors in the recipe surface before any launch
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _torchrun(args.argv, args.nproc, cfg.train.threads)
     from herd.train.trainer import Trainer
 
-    cfg = load_run_config(args.config, args.overrides)
     trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
-    if trainer.resumed_from is not None:
+    main = trainer.world.main
+    if trainer.resumed_from is not None and main:
         print(f"resuming from {trainer.resumed_from} (step {trainer.step})")
     n = sum(p.numel() for p in trainer.model.parameters())
-    print(f"training {n / 1e6:.1f}M parameters for {cfg.train.steps} steps -> {trainer.out}")
-    final = trainer.fit()
-    if final:
+    if main:
+        where = f" on {trainer.world.size} processes" if trainer.world.size > 1 else ""
+        print(f"training {n / 1e6:.1f}M parameters for {cfg.train.steps} steps{where} -> {trainer.out}")
+    try:
+        final = trainer.fit()
+    finally:
+        trainer.world.close()
+    if final and main:
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in final.items()
                           if not k.startswith("moe/layer")}))
+
+
+def _torchrun(argv: list[str], nproc: int, threads: int | None) -> None:
+    """Run this same command as ``nproc`` processes under torchrun (one host), and exit with its status."""
+    argv = list(argv)
+    for i, a in enumerate(argv):  # drop --nproc N / --nproc=N: the workers are the processes
+        if a == "--nproc":
+            del argv[i:i + 2]
+            break
+        if a.startswith("--nproc="):
+            del argv[i]
+            break
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "herd.cli", *argv]
+    sys.exit(subprocess.call(cmd, env=env))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -255,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", type=Path, help="the recipe (TOML)")
     s.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--nproc", type=int, default=1,
+                   help="processes (ranks) on this host, launched with torchrun: FSDP2 data parallelism "
+                        "(+ expert parallelism with --train.ep N)")
     s.set_defaults(func=cmd_train, overrides=[])
 
     s = sub.add_parser("export", help="write a training checkpoint as an HF model directory (generate, transformers)")
@@ -272,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = extra  # --section.key VALUE pairs for the recipe
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
     except HerdError as e:

@@ -136,9 +136,13 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
 
-    def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        gate, up = grouped_mm(x_ND, self.gate_up_proj, offsets_E).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.down_proj, offsets_E)
+    def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor,
+                weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``weights``: (gate_up, down) to use instead of the parameters (expert parallelism passes its rank's
+        local shards)."""
+        gate_up, down = weights or (self.gate_up_proj, self.down_proj)
+        gate, up = grouped_mm(x_ND, gate_up, offsets_E).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, down, offsets_E)
 
     def per_row(self, x_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
         """Row n through expert[n]: no sorting, for the few rows of a compiled decode step."""

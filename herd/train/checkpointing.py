@@ -3,35 +3,45 @@ than the checkpoint being written.
 
 A checkpoint is a directory ``checkpoints/step_00000200/`` holding
 
-* ``model/``: the model as an HF directory (herd.checkpoint.save: config.json + safetensors, fp32 as trained),
-  plus the run's tokenizer files, so ``herd generate`` / transformers load it as is;
-* ``optimizer.pt``: the optimizer state and the torch RNG states;
-* ``trainer.json``: step, data-loader state, the run config, the last metrics.
+* ``state/``: model weights and optimizer state as a torch.distributed.checkpoint (DCP) directory: every rank
+  writes its own shards, with global names and shapes, so a run resumes on any number of ranks (DCP reshards
+  on load; a single process loads it too);
+* ``model/``: the full model as an HF directory (herd.checkpoint.save: config.json + safetensors, fp32 as
+  trained), plus the run's tokenizer files, so ``herd generate`` / ``herd export`` / transformers load it as is;
+* ``rng.pt``: the torch RNG states; ``trainer.json``: step, data-loader state, the run config, the last metrics.
 
-It is built in a hidden ``.step_00000200.tmp-*`` directory and renamed into place when complete: the rename
-is atomic, so a process killed at any moment leaves either the finished checkpoint or none, and the previous
-one untouched. Leftover temporary directories are removed by the next run.
+It is built in a hidden ``.step_00000200.tmp`` directory and renamed into place when complete: the rename is
+atomic, so a process killed at any moment leaves either the finished checkpoint or none, and the previous one
+untouched. Leftover temporary directories are removed by the next run. (Checkpoints from before DCP, with the
+optimizer in ``optimizer.pt``, still resume in one process.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 
 from herd import checkpoint
 from herd.errors import CheckpointError
 from herd.model.transformer import Transformer
+from herd.train.distributed import World
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAINER_FILE = "trainer.json"
-OPTIMIZER_FILE = "optimizer.pt"
+OPTIMIZER_FILE = "optimizer.pt"  # the optimizer before DCP (read only)
+RNG_FILE = "rng.pt"
+STATE_DIR = "state"
 MODEL_DIR = "model"
 
 
@@ -56,29 +66,80 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(root: str | Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
-         trainer_state: dict[str, Any], tokenizer_dir: Path | None = None, keep: int | None = None) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically; then keep only the newest ``keep``."""
+         trainer_state: dict[str, Any], tokenizer_dir: Path | None = None, keep: int | None = None,
+         world: World = World()) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically; then keep only the newest ``keep``. Every rank calls
+    it (the shards and the full-model gather are collective); rank 0 writes the rest and renames."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
-        checkpoint.save(model, tmp / MODEL_DIR)
-        if tokenizer_dir is not None:
-            for f in tokenizer_dir.iterdir():
-                if f.is_file() and f.name.startswith("tokenizer"):
-                    shutil.copy2(f, tmp / MODEL_DIR / f.name)
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / OPTIMIZER_FILE)
-        (tmp / TRAINER_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
-        _fsync_tree(tmp)
-        checkpoint.replace_dir(tmp, final)  # the same step saved again (after a resume) is swapped out whole
-    except BaseException:
+    tmp = root / f".{final.name}.tmp"  # the same name on every rank
+    if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    world.barrier()
+    try:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        with _one_process_ok():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / STATE_DIR)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if world.main:
+            checkpoint.save(_plain_model(model.cfg, full), tmp / MODEL_DIR)
+            if tokenizer_dir is not None:
+                for f in tokenizer_dir.iterdir():
+                    if f.is_file() and f.name.startswith("tokenizer"):
+                        shutil.copy2(f, tmp / MODEL_DIR / f.name)
+            torch.save(rng_state(), tmp / RNG_FILE)
+            (tmp / TRAINER_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+            _fsync_tree(tmp)
+            checkpoint.replace_dir(tmp, final)  # the same step saved again (after a resume) is swapped out whole
+            if keep is not None:
+                for old in list_checkpoints(root)[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        world.barrier()
+    except BaseException:
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep is not None:
-        for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def _one_process_ok():
+    # DCP warns when no process group exists: one process is a supported layout here, not a mistake
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _plain_model(cfg, state: dict[str, torch.Tensor]) -> Transformer:
+    """Full tensors in a Transformer skeleton (no memory of its own), for herd.checkpoint.save."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def load_state(ckpt: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
+    """Model weights, optimizer state and RNG states from ``ckpt`` into the (sharded or not) model and optimizer,
+    whatever the number of ranks that wrote it. Every rank calls it."""
+    if (ckpt / STATE_DIR).is_dir():
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        with _one_process_ok():
+            dcp.load(state, checkpoint_id=ckpt / STATE_DIR)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_rng_state(torch.load(ckpt / RNG_FILE, map_location="cpu", weights_only=False))
+        return
+    if not (ckpt / OPTIMIZER_FILE).is_file():
+        raise CheckpointError(f"{ckpt}: neither {STATE_DIR}/ nor {OPTIMIZER_FILE}")
+    if type(model) is not Transformer or any(p.__class__.__name__ == "DTensor" for p in model.parameters()):
+        raise CheckpointError(f"{ckpt} predates distributed checkpoints: resume it in one process (no --nproc)")
+    model.load_state_dict(checkpoint.load(ckpt / MODEL_DIR, dtype=torch.float32).state_dict())
+    state = torch.load(ckpt / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -124,10 +185,3 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
         return json.loads((ckpt / TRAINER_FILE).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{ckpt / TRAINER_FILE}: unreadable ({e})") from e
-
-
-def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
-    """Optimizer state and RNG states (the model is loaded with herd.checkpoint.load from ``ckpt/model``)."""
-    state = torch.load(ckpt / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])

@@ -86,7 +86,8 @@ class TrainSpec:
     z_loss: float = 0.0
     aux_loss_coef: float | None = None  # None: the model config's router_aux_loss_coef; 0 = off
     seed: int = 0
-    threads: int | None = None  # torch CPU threads; None = torch's default
+    threads: int | None = None  # torch CPU threads per process; None = torch's default (--nproc: cores / N)
+    ep: int = 1  # expert parallelism: 1 = experts FSDP-sharded like the rest; N (= --nproc) = n_experts/N per rank
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 8
@@ -121,7 +122,7 @@ class RunConfig:
             raise ConfigError(f"train.fp8={self.train.fp8!r}: choose tensorwise or rowwise (or leave it out)")
         if self.train.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"train.dtype={self.train.dtype!r}: choose fp32 or bf16")
-        for name in ("steps", "grad_accum", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+        for name in ("steps", "grad_accum", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "ep"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self.train, name)}")
         if not self.data.sources:

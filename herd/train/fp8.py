@@ -121,6 +121,8 @@ def _emulated_linear_forward(m: nn.Linear, rowwise: bool, x: torch.Tensor) -> to
     return fp8_linear(x, m.weight, rowwise)
 
 
-def _emulated_experts_forward(m: Experts, rowwise: bool, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    gate, up = fp8_grouped_mm(x_ND, m.gate_up_proj, offsets_E, rowwise).chunk(2, dim=-1)
-    return fp8_grouped_mm(F.silu(gate) * up, m.down_proj, offsets_E, rowwise)
+def _emulated_experts_forward(m: Experts, rowwise: bool, x_ND: torch.Tensor, offsets_E: torch.Tensor,
+                              weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    gate_up, down = weights or (m.gate_up_proj, m.down_proj)
+    gate, up = fp8_grouped_mm(x_ND, gate_up, offsets_E, rowwise).chunk(2, dim=-1)
+    return fp8_grouped_mm(F.silu(gate) * up, down, offsets_E, rowwise)

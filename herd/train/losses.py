@@ -15,13 +15,16 @@ import torch.nn.functional as F
 
 
 def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor | None = None,
-                  z_loss: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  z_loss: float = 0.0, n_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean next-token loss over unmasked targets (+ ``z_loss`` * mean logsumexp², PaLM's stabiliser that keeps
-    the softmax normaliser near 1). Returns (loss, {"ce": ..., "z": ...}) with detached parts."""
+    the softmax normaliser near 1). Returns (loss, {"ce": ..., "z": ...}) with detached parts.
+
+    ``n_tokens``: divide the sums by this instead of the batch's own count. Data parallelism passes the global
+    batch's count, so that the ranks' losses (and their gradients) add up to the global mean."""
     logits = logits_BTV.float().flatten(0, 1)
     targets = targets_BT.flatten()
     weight = torch.ones_like(targets, dtype=logits.dtype) if mask_BT is None else mask_BT.flatten().to(logits.dtype)
-    n = weight.sum().clamp(min=1.0)
+    n = weight.sum().clamp(min=1.0) if n_tokens is None else max(float(n_tokens), 1.0)
     # torch's fused log-softmax + NLL: one pass forward, one backward (a logsumexp - gather would take several)
     ce = (F.cross_entropy(logits, targets, reduction="none") * weight).sum() / n
     parts = {"ce": ce.detach()}

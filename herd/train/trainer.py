@@ -14,6 +14,12 @@ The step: ``grad_accum`` micro-batches of packed, document-masked rows, each giv
 learning-rate schedule. Everything that decides the next step (weights, AdamW moments, step, data cursor,
 RNG) is in the checkpoint, so ``--resume`` reproduces the uninterrupted run's losses exactly.
 Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and stops.
+
+Under torchrun (``herd train RECIPE --nproc N``) every rank reads the same global batches and trains on its own
+rows of them (``rank_rows``); the model is FSDP2-sharded (``train.ep = N`` also spreads the routed experts over
+the ranks) and every rank's loss is divided by the global token count, with gradients summed over ranks, so
+the run computes the single-process step. Rank 0 logs; checkpoints are DCP shards that resume on any number
+of ranks.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
 
@@ -45,6 +52,8 @@ from herd.train.config import RunConfig, SourceSpec, to_toml
 from herd.images import ImageConfig
 from herd.train.fp8 import apply_fp8
 from herd.train.data import INDEX_FILE, PackedLoader, TokenShards, tokenize_to_shards
+from herd.train.distributed import apply_fsdp, init_distributed, rank_rows
+from herd.train.expert_parallel import apply_expert_parallel
 from herd.train.image_text import ImageTextSet, tokenize_image_text
 from herd.train.losses import cross_entropy, expert_load, load_balancing_loss
 from herd.train.metap import init_metap, param_groups
@@ -86,30 +95,34 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool | None = None):
         self.cfg, self.progress = cfg, progress
         t = cfg.train
+        self.world = init_distributed(cuda=False)  # the trainer keeps its tensors on the CPU
+        self._check_layout()
         self.out = cfg.path(t.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = self.out / "checkpoints"
-        for p in checkpointing.clean_partial(self.ckpt_root):
-            warnings.warn(f"removed the unfinished checkpoint {p} (a save was interrupted)", stacklevel=2)
         if t.threads:
             torch.set_num_threads(t.threads)
         ckpt = checkpointing.latest(self.ckpt_root) if resume else None
-        if resume and ckpt is None:
+        if resume and ckpt is None and self.world.main:
             warnings.warn(f"--resume: no checkpoint in {self.ckpt_root}; starting from step 0", stacklevel=2)
         if not resume and checkpointing.latest(self.ckpt_root) is not None:
             raise ConfigError(f"{self.out} already holds checkpoints: pass --resume to continue that run, or choose "
                               f"another train.out_dir")
-        self.tokenizer, self.tokenizer_dir = self._tokenizer()
-        if ckpt is not None:
-            self.model_cfg = load_config(ckpt / checkpointing.MODEL_DIR)
-        elif cfg.model.init_from:
-            self.model_cfg = load_config(cfg.path(cfg.model.init_from))
-        else:
-            self.model_cfg = self.model_config()
-        self.loader = self._loader(cfg.data.sources, cfg.data.seed, "source")
-        self.eval_sources = None
-        if cfg.data.eval is not None:
-            self.eval_sources = [(self._shards(cfg.data.eval, "eval"), 1.0)]
+        with self.world.main_first():  # rank 0 builds the shared files (tokenizer, shards); the others read them
+            if self.world.main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                for p in checkpointing.clean_partial(self.ckpt_root):
+                    warnings.warn(f"removed the unfinished checkpoint {p} (a save was interrupted)", stacklevel=2)
+            self.tokenizer, self.tokenizer_dir = self._tokenizer()
+            if ckpt is not None:
+                self.model_cfg = load_config(ckpt / checkpointing.MODEL_DIR)
+            elif cfg.model.init_from:
+                self.model_cfg = load_config(cfg.path(cfg.model.init_from))
+            else:
+                self.model_cfg = self.model_config()
+            self.loader = self._loader(cfg.data.sources, cfg.data.seed, "source")
+            self.eval_sources = None
+            if cfg.data.eval is not None:
+                self.eval_sources = [(self._shards(cfg.data.eval, "eval"), 1.0)]
         torch.manual_seed(t.seed)
         self.model = self._model(ckpt)
         if cfg.metap.enabled and ckpt is None and not cfg.model.init_from:
@@ -119,19 +132,33 @@ class Trainer:
             apply_fp8(self.model, t.fp8)
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model)
+        if self.world.size > 1:  # every rank holds the same full weights here; now each keeps its shards
+            experts = apply_expert_parallel(self.model, self.world.mesh) if t.ep > 1 else []
+            apply_fsdp(self.model, self.world.mesh, ignored=experts, sum_gradients=True)
         self.optimizer = self._optimizer()
         self.step, self.resumed_from, self.train_time = 0, ckpt, 0.0
         if ckpt is not None:
             state = checkpointing.read_trainer_state(ckpt)
-            checkpointing.load_optimizer(ckpt, self.optimizer)
+            checkpointing.load_state(ckpt, self.model, self.optimizer)
             self.loader.load_state_dict(state["loader"])
             self.step = int(state["step"])
             self.train_time = float(state.get("train_time_s", 0.0))
-        (self.out / "run.toml").write_text(to_toml(cfg.to_dict()))
+        if self.world.main:
+            (self.out / "run.toml").write_text(to_toml(cfg.to_dict()))
         self.aux_coef = self.model.cfg.router_aux_loss_coef if t.aux_loss_coef is None else t.aux_loss_coef
         self._stop_requested = False
 
     # -- setup -------------------------------------------------------------------------------------------------
+    def _check_layout(self) -> None:
+        n, t, d = self.world.size, self.cfg.train, self.cfg.data
+        if t.ep not in (1, n):
+            raise ConfigError(f"train.ep={t.ep}: expert parallelism spans all ranks or none (1 or {n} here)")
+        if d.batch_size % n:
+            raise ConfigError(f"data.batch_size={d.batch_size} does not split over {n} ranks")
+        if n > 1 and any(s.images_key for s in d.sources + ([d.eval] if d.eval else [])):
+            raise ConfigError("image-text sources train in one process for now (splitting tiles over ranks is "
+                              "not done)")
+
     def _tokenizer(self) -> tuple[Tokenizer, Path | None]:
         spec = self.cfg.tokenizer
         if spec.path is not None:
@@ -200,9 +227,8 @@ class Trainer:
         return base.replace(**changes)
 
     def _model(self, ckpt: Path | None) -> Transformer:
-        if ckpt is not None:
-            return checkpoint.load(ckpt / checkpointing.MODEL_DIR, dtype=torch.float32)
-        if self.cfg.model.init_from:
+        """The model to train, before any checkpoint state (a resumed run's weights are loaded after sharding)."""
+        if self.cfg.model.init_from and ckpt is None:
             model = checkpoint.load(self.cfg.path(self.cfg.model.init_from), dtype=torch.float32)
             if model.cfg.vocab_size < self.tokenizer.vocab_size:
                 raise ConfigError("init_from model's vocab is smaller than the tokenizer's")
@@ -232,31 +258,43 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:
+        """This rank's rows of a global batch -> (its share of the loss, its shares of the parts, router logits).
+        Token losses are divided by the global batch's token count and the balancing loss (a per-rank statistic)
+        by the number of ranks, so that the shares sum to the batch's loss."""
+        n_tokens = float(batch["loss_mask"].sum())  # every rank holds the whole global batch
+        batch = rank_rows(batch, self.world.rank, self.world.size)
         with self._autocast():
             logits, router_logits = self.model(batch["tokens"], positions=batch["positions"],
                                                doc_ids=batch["doc_ids"], return_router_logits=True,
                                                pixel_values=batch.get("pixel_values"))
-        loss, parts = cross_entropy(logits, batch["targets"], batch["loss_mask"], self.cfg.train.z_loss)
+        loss, parts = cross_entropy(logits, batch["targets"], batch["loss_mask"], self.cfg.train.z_loss,
+                                    n_tokens=n_tokens)
         if router_logits and self.aux_coef:
-            aux = load_balancing_loss(router_logits, self.model.cfg.n_experts, self.model.cfg.top_k)
+            aux = load_balancing_loss(router_logits, self.model.cfg.n_experts, self.model.cfg.top_k) / self.world.size
             loss = loss + self.aux_coef * aux
             parts["aux"] = aux.detach()
         return loss, parts, router_logits
 
     def train_step(self, expert_metrics: bool = True) -> dict[str, Any]:
-        """One optimizer step; ``expert_metrics``: add the per-layer expert load (only needed when logging)."""
+        """One optimizer step; ``expert_metrics``: add the per-layer expert load (only needed when logging; under
+        data parallelism it is rank 0's rows')."""
         t, cfg = self.cfg.train, self.model.cfg
         lr = lr_at(self.step, t.steps, self.cfg.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # MetaP's per-group scale
-        totals: dict[str, float] = {}
-        for _ in range(t.grad_accum):
+        shares: dict[str, torch.Tensor] = {}
+        for micro in range(t.grad_accum):
+            if self.world.size > 1:  # FSDP reduces gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(micro == t.grad_accum - 1)
             loss, parts, router_logits = self._forward(self.loader.next_batch())
             (loss / t.grad_accum).backward()
             for k, v in {"loss": loss.detach(), **parts}.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / t.grad_accum
+                shares[k] = shares.get(k, 0.0) + v.float() / t.grad_accum
+        totals = dict(zip(shares, self.world.sum_(torch.stack(list(shares.values()))).tolist()))
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         if not math.isfinite(totals["loss"]):
             raise FloatingPointError(f"loss is {totals['loss']} at step {self.step}: lower optim.lr or use fp32")
         self.optimizer.step()
@@ -278,11 +316,13 @@ class Trainer:
         # at most one pass over the eval windows: more batches would count windows twice
         for _ in range(min(self.cfg.train.eval_batches, max(1, loader.sources[0].n // loader.batch_size))):
             batch = loader.next_batch()
+            n_tokens = float(batch["loss_mask"].sum())
+            batch = rank_rows(batch, self.world.rank, self.world.size)
             with self._autocast():
                 logits = self.model(batch["tokens"], positions=batch["positions"], doc_ids=batch["doc_ids"],
                                     pixel_values=batch.get("pixel_values"))
-            _, parts = cross_entropy(logits, batch["targets"], batch["loss_mask"])
-            total, n = total + float(parts["ce"]), n + 1
+            _, parts = cross_entropy(logits, batch["targets"], batch["loss_mask"], n_tokens=n_tokens)
+            total, n = total + float(self.world.sum_(parts["ce"].clone())), n + 1
         self.model.train()
         return total / max(n, 1)
 
@@ -290,21 +330,24 @@ class Trainer:
         state = {"loader": self.loader.state_dict(), "config": self.cfg.to_dict(), "metrics": metrics or {},
                  "train_time_s": self.train_time}
         return checkpointing.save(self.ckpt_root, self.step, self.model, self.optimizer, state,
-                                  tokenizer_dir=self.tokenizer_dir, keep=self.cfg.train.keep_checkpoints)
+                                  tokenizer_dir=self.tokenizer_dir, keep=self.cfg.train.keep_checkpoints,
+                                  world=self.world)
 
     # -- the run -----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         t = self.cfg.train
         tokens_per_step = self.cfg.data.batch_size * self.cfg.data.seq_len * t.grad_accum
-        log = MetricsLog(self.out, t.tensorboard)
-        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=self.progress is False,
-                   dynamic_ncols=True)
+        main = self.world.main
+        log = MetricsLog(self.out, t.tensorboard, enabled=main)
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step",
+                   disable=self.progress is False or not main, dynamic_ncols=True)
         last: dict[str, Any] = {}
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
         def request_stop(signum, frame):
             self._stop_requested = True
-            bar.write("stopping after this step (a checkpoint will be saved); press Ctrl-C again to abort")
+            if main:
+                bar.write("stopping after this step (a checkpoint will be saved); press Ctrl-C again to abort")
             signal.signal(signal.SIGINT, previous[signal.SIGINT])
 
         for s in previous:
@@ -333,15 +376,18 @@ class Trainer:
                     if eval_loss is not None:
                         log.write(self.step, {"eval_loss": eval_loss})
                         last["eval_loss"] = eval_loss
-                        bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
+                        if main:
+                            bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
                     window_start = time.perf_counter()  # evaluation time is not training throughput
                 if self.step % t.ckpt_every == 0 or self.step == t.steps:
                     self.save(_summary(last))
                     window_start = time.perf_counter()
                 bar.update(1)
+                self._stop_requested = self.world.any(self._stop_requested)  # all ranks stop at the same step
             if self._stop_requested and self.step < t.steps:
                 path = self.save(_summary(last))
-                bar.write(f"stopped at step {self.step}; resume with --resume (checkpoint {path})")
+                if main:
+                    bar.write(f"stopped at step {self.step}; resume with --resume (checkpoint {path})")
         finally:
             bar.close()
             log.close()
@@ -356,12 +402,13 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 class MetricsLog:
-    """metrics.jsonl (always) and TensorBoard (when installed and wanted)."""
+    """metrics.jsonl (always) and TensorBoard (when installed and wanted); nothing when not ``enabled`` (ranks
+    other than 0)."""
 
-    def __init__(self, out: Path, tensorboard: bool):
-        self.file = open(out / "metrics.jsonl", "a")
+    def __init__(self, out: Path, tensorboard: bool, enabled: bool = True):
+        self.file = open(out / "metrics.jsonl", "a") if enabled else None
         self.tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(out / "tb"))
@@ -370,6 +417,8 @@ class MetricsLog:
                               "metrics.jsonl only", stacklevel=3)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -377,6 +426,7 @@ class MetricsLog:
                 self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
