@@ -2,7 +2,7 @@
 under MetaP (herd/train/metap.py), on the same data, plus a coordinate check. Writes docs/metap_transfer.png,
 docs/metap_coords.png and the table in docs/metap_transfer.md.
 
-    make pico-data && python experiments/metap_transfer.py            # ~25 min on 2 CPU cores
+    make pico-data && python experiments/metap_transfer.py            # ~35 min on 2 CPU cores
     python experiments/metap_transfer.py --steps 40 --widths 32,64    # a quick look
 
 Each finished run is appended to runs/metap_transfer/results.jsonl and skipped when the command is run again,
@@ -76,8 +76,8 @@ def build(width: int, param: str, lr: float, seed: int = 0):
 
 
 def train_one(width: int, param: str, lr: float, train: TokenShards, held: TokenShards, steps: int,
-              batch: int, seq: int) -> dict:
-    model, opt = build(width, param, lr)
+              batch: int, seq: int, seed: int = 0) -> dict:
+    model, opt = build(width, param, lr, seed)
     loader = PackedLoader([(train, 1.0)], seq, batch, seed=0)
     sched = OptimSpec(lr=lr, warmup_steps=max(1, steps // 10), schedule="cosine", min_lr_ratio=0.1)
     losses = []
@@ -128,14 +128,14 @@ def figures(results: list[dict], coords: dict, widths: list[int], docs: Path) ->
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, sharey=True)
-    best = {}
+    best, fitted = {}, {}
     for ax, param, title in ((axes[0], "sp", "standard parametrisation"), (axes[1], "metap", "MetaP (herd)")):
         for w in widths:
-            rows = sorted((r for r in results if r["param"] == param and r["width"] == w), key=lambda r: r["lr"])
-            ok = [r for r in rows if math.isfinite(r["eval_loss"])]
-            ax.plot([math.log2(r["lr"]) for r in ok], [r["eval_loss"] for r in ok], "o-", label=f"width {w}")
-            if ok:
-                best[(param, w)] = min(ok, key=lambda r: r["eval_loss"])
+            curve = mean_curve([r for r in results if r["param"] == param and r["width"] == w])
+            ax.plot(list(curve), list(curve.values()), "o-", label=f"width {w}")
+            if curve:
+                best[(param, w)] = min(curve, key=curve.get), min(curve.values())
+                fitted[(param, w)] = fitted_argmin(curve)
         ax.set_title(title)
         ax.set_xlabel("log2 learning rate")
         ax.grid(alpha=0.3)
@@ -159,52 +159,93 @@ def figures(results: list[dict], coords: dict, widths: list[int], docs: Path) ->
     fig.tight_layout()
     fig.savefig(docs / "metap_coords.png")
     plt.close(fig)
-    lines = ["| width | SP best log2 lr | SP best loss | MetaP best log2 lr | MetaP best loss |", "|---|---|---|---|---|"]
+    lines = ["| width | SP best log2 lr (grid / fit) | SP best loss | MetaP best log2 lr (grid / fit) | "
+             "MetaP best loss |", "|---|---|---|---|---|"]
     for w in widths:
         s, m = best.get(("sp", w)), best.get(("metap", w))
-        lines.append(f"| {w} | {math.log2(s['lr']):.0f} | {s['eval_loss']:.3f} | {math.log2(m['lr']):.0f} | "
-                     f"{m['eval_loss']:.3f} |" if s and m else f"| {w} | - | - | - | - |")
+        lines.append(f"| {w} | {s[0]:g} / {fitted[('sp', w)]:.2f} | {s[1]:.3f} | {m[0]:g} / {fitted[('metap', w)]:.2f} | "
+                     f"{m[1]:.3f} |" if s and m else f"| {w} | - | - | - | - |")
+    lines.append("")
     for param in ("sp", "metap"):
-        lrs = [best[(param, w)]["lr"] for w in widths if (param, w) in best]
-        if lrs:
-            lines.append(f"\n{param}: best learning rate moves by {max(lrs) / min(lrs):.0f}x across widths")
+        grid = [best[(param, w)][0] for w in widths if (param, w) in best]
+        fit = [fitted[(param, w)] for w in widths if (param, w) in fitted]
+        if grid:
+            lines.append(f"- {param}: the best learning rate moves by {2 ** (max(grid) - min(grid)):.1f}x across "
+                         f"widths on the grid, {2 ** (max(fit) - min(fit)):.1f}x by the fitted minimum")
     return "\n".join(lines)
+
+
+def mean_curve(rows: list[dict]) -> dict[float, float]:
+    """log2 lr -> held-out loss averaged over seeds (a diverged run counts as the worst loss)."""
+    by_lr: dict[float, list[float]] = {}
+    for r in rows:
+        by_lr.setdefault(math.log2(r["lr"]), []).append(r["eval_loss"] if math.isfinite(r["eval_loss"]) else 20.0)
+    return {x: sum(v) / len(v) for x, v in sorted(by_lr.items())}
+
+
+def fitted_argmin(curve: dict[float, float]) -> float:
+    """The minimum of a parabola through the grid minimum and its two neighbours on each side (in log2 lr): less
+    noisy than the grid argmin, and not tied to the grid spacing. Falls back to the grid argmin at an edge."""
+    xs = list(curve)
+    i = min(range(len(xs)), key=lambda k: curve[xs[k]])
+    pts = xs[max(0, i - 2):i + 3]
+    if len(pts) >= 3 and 0 < i < len(xs) - 1:
+        import numpy as np
+
+        a, b, _ = np.polyfit(pts, [curve[x] for x in pts], 2)
+        if a > 0:
+            return float(min(max(-b / (2 * a), pts[0]), pts[-1]))
+    return xs[i]
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--widths", default="32,64,128,256")
-    p.add_argument("--lrs", default="-12,-11,-10,-9,-8,-7,-6,-5", help="log2 learning rates")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--lrs", default="-11,-10,-9,-8,-7,-6", help="log2 learning rates")
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--seeds", type=int, default=1, help="runs per point (averaged)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "metap_transfer")
     a = p.parse_args()
     widths = [int(w) for w in a.widths.split(",")]
-    lrs = [2.0 ** int(x) for x in a.lrs.split(",")]
+    lrs = [2.0 ** float(x) for x in a.lrs.split(",")]
     a.out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.load(ROOT / "models" / "herd-pico")
     train, held = shards(a.out, tok)
     results_file = a.out / "results.jsonl"
     results = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
-    done = {(r["param"], r["width"], r["lr"], r["steps"]) for r in results}
-    todo = [(param, w, lr) for w in widths for param in ("sp", "metap") for lr in lrs
-            if (param, w, lr, a.steps) not in done]
+    setting = {"steps": a.steps, "batch": a.batch, "seq": a.seq}
+    key = lambda r: (r["param"], r["width"], r["lr"], r.get("seed", 0), r["steps"], r.get("batch", 8), r.get("seq", 128))  # noqa: E731
+    done = {key(r) for r in results}
+    # at the base width MetaP's factors are all 1: the same run as SP, trained once and recorded for both
+    todo = [(w, lr, seed) for w in widths for lr in lrs for seed in range(a.seeds)
+            if not {key({"param": p, "width": w, "lr": lr, "seed": seed, **setting}) for p in ("sp", "metap")} <= done]
     start = time.time()
-    for i, (param, w, lr) in enumerate(todo):
-        r = {"param": param, "width": w, "lr": lr, "steps": a.steps,
-             **train_one(w, param, lr, train, held, a.steps, a.batch, a.seq)}
-        with results_file.open("a") as f:
-            f.write(json.dumps(r) + "\n")
-        results.append(r)
-        print(f"[{i + 1}/{len(todo)} {time.time() - start:.0f}s] {param} width {w} lr 2^{math.log2(lr):.0f}: "
-              f"eval {r['eval_loss']:.4f}", flush=True)
-    results = [r for r in results if r["steps"] == a.steps and r["width"] in widths and r["lr"] in lrs]
+    for i, (w, lr, seed) in enumerate(todo):
+        for param in ("sp", "metap"):
+            r = {"param": param, "width": w, "lr": lr, "seed": seed, **setting}
+            if key(r) in done:
+                continue
+            if param == "metap" and w == BASE:
+                twin = next(x for x in results if key(x) == key({**r, "param": "sp"}))
+                r |= {k: v for k, v in twin.items() if k not in r}
+            else:
+                r |= train_one(w, param, lr, train, held, a.steps, a.batch, a.seq, seed)
+            with results_file.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            results.append(r)
+            done.add(key(r))
+            print(f"[{i + 1}/{len(todo)} {time.time() - start:.0f}s] {param} width {w} lr 2^{math.log2(lr):g} "
+                  f"seed {seed}: eval {r['eval_loss']:.4f}", flush=True)
+    results = [r for r in results if key(r)[4:] == (a.steps, a.batch, a.seq) and r["width"] in widths
+               and r["lr"] in lrs and r.get("seed", 0) < a.seeds]
     coords = coord_check(widths, train, a.seq)
     table = figures(results, coords, widths, ROOT / "docs")
     (ROOT / "docs" / "metap_transfer.md").write_text(
         f"# MetaP transfer study\n\n`python experiments/metap_transfer.py --steps {a.steps} --widths {a.widths} "
-        f"--lrs={a.lrs}` ({time.strftime('%Y-%m-%d')}; {a.steps} steps of {a.batch} x {a.seq} tokens per run).\n\n"
+        f"--lrs={a.lrs} --batch {a.batch} --seq {a.seq} --seeds {a.seeds}` ({time.strftime('%Y-%m-%d')}; "
+        f"{a.steps} steps of {a.batch} x {a.seq} tokens per run).\n\n"
         f"![loss vs learning rate](metap_transfer.png)\n\n{table}\n\n![coordinate check](metap_coords.png)\n")
     print(table)
 
