@@ -173,6 +173,47 @@ def _torchrun(argv: list[str], nproc: int, threads: int | None) -> None:
     sys.exit(subprocess.call(cmd, env=env))
 
 
+def _token_count(text: str) -> int:
+    """1024, 4K (= 4096), 1M (= 2**20)."""
+    t = text.strip().upper()
+    scale = {"K": 2**10, "M": 2**20}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if scale > 1 else t) * scale)
+    except ValueError:
+        raise HerdError(f"bad length {text!r}: use a token count such as 512, 4K or 1M") from None
+
+
+def cmd_niah(args: argparse.Namespace) -> None:
+    from herd.eval.niah import NiahConfig, engine_completer, run_niah, save
+
+    try:
+        depths = [float(d) for d in args.depths.split(",")]
+    except ValueError:
+        raise HerdError(f"bad --depths {args.depths!r}: fractions such as 0,0.5,1") from None
+    cfg = NiahConfig(lengths=[_token_count(x) for x in args.lengths.split(",")], depths=depths,
+                     needles=args.needles, chat=args.chat, seed=args.seed, haystack=args.haystack or [])
+    llm = _load(args)
+    limit = llm.model.cfg.max_seq_len
+    if max(cfg.lengths) + cfg.max_new_tokens > limit:
+        raise HerdError(f"length {max(cfg.lengths)} (+ {cfg.max_new_tokens} answer tokens) exceeds the model's "
+                        f"max_seq_len {limit}")
+    name = Path(args.model_dir).name if args.model_dir else "herd-pico"
+    result = run_niah(engine_completer(llm.engine, cfg.max_new_tokens, args.batch), llm.tokenizer, cfg,
+                      progress=not args.no_progress, model=name)
+    files = save(result, args.out)
+    if args.json:
+        print(json.dumps({"accuracy": result.accuracy, "cells": result.cells,
+                          **{k: str(v) for k, v in files.items()}}))
+        return
+    print("depth \\ length " + "".join(f"{L:>9}" for L in cfg.lengths))
+    acc = {(c["length"], c["depth"]): c["accuracy"] for c in result.cells}
+    for d in cfg.depths:
+        print(f"{d:>14.0%} " + "".join(f"{acc[(L, d)]:>9.0%}" for L in cfg.lengths))
+    print(f"accuracy {result.accuracy:.1%} over {len(result.samples)} prompts; {result.seconds:.0f} s")
+    print(f"wrote {files['json']}" + (f" and {files['png']}" if "png" in files else
+                                      " (no heatmap: pip install matplotlib)"))
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from herd.train.export import export
 
@@ -287,6 +328,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes (ranks) on this host, launched with torchrun: FSDP2 data parallelism "
                         "(+ expert parallelism with --train.ep N)")
     s.set_defaults(func=cmd_train, overrides=[])
+
+    s = sub.add_parser("eval", help="evaluations (niah: needle in a haystack)")
+    evals = s.add_subparsers(dest="eval", required=True)
+    s = evals.add_parser("niah", help="needle-in-a-haystack retrieval over context lengths x needle depths",
+                         epilog="example: herd eval niah models/herd-pico --lengths 256,512,1K --needles 4")
+    _add_model_args(s)
+    s.add_argument("--lengths", default="512,1K,2K,4K", help="context lengths in tokens (512, 4K, 1M)")
+    s.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, 0 = start, 1 = end")
+    s.add_argument("--needles", type=int, default=2, help="prompts per cell (default 2)")
+    s.add_argument("--chat", action="store_true", help="ask in the chat format (instruct models)")
+    s.add_argument("--haystack", action="append", metavar="FILE",
+                   help="haystack text file (repeatable; default: Hamlet and The Tempest, shipped with herd)")
+    s.add_argument("--batch", type=int, default=4, help="prompts generated together")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, default=Path("runs/niah"), help="where niah.json and niah.png go")
+    s.add_argument("--json", action="store_true", help="print one JSON object (accuracy, cells, files)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_niah)
 
     s = sub.add_parser("export", help="write a training checkpoint as an HF model directory (generate, transformers)")
     s.add_argument("checkpoint", type=Path, help="a checkpoint (step_*), or a run directory (its latest checkpoint)")

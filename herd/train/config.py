@@ -31,7 +31,9 @@ else:  # pragma: no cover
 @dataclass
 class ModelSpec:
     preset: str = "tiny"
-    init_from: str | None = None  # a model directory to continue from (its config; the recipe can't reshape it)
+    # continue from these weights: a model directory, a training checkpoint, or a run (its latest checkpoint);
+    # [model] keys then change its config where no weight changes shape (RoPE, chunk, max_seq_len: mid-training)
+    init_from: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields: dim = 256, n_layers = 6, ...
 
 
@@ -51,6 +53,7 @@ class SourceSpec:
     weight: float = 1.0
     text_key: str = "text"
     images_key: str | None = None  # JSONL image+text samples: this field lists image paths (herd.train.image_text)
+    min_tokens: int = 0  # leave out documents shorter than this (long-context mid-training: long documents only)
 
 
 @dataclass

@@ -67,6 +67,7 @@ class ShardSetInfo:
     bad_records: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_KINDS, 0))
     bos_id: int | None = None
     eos_id: int | None = None
+    short_documents: int = 0  # left out for being under min_tokens
     version: int = 1
 
 
@@ -248,12 +249,14 @@ def tokenize_to_shards(
     text_key: str = "text",
     eos_id: int | None = None,
     bos_id: int | None = None,
+    min_tokens: int = 0,
 ) -> ShardSetInfo:
     """Tokenise the documents of ``sources`` into a shard set in ``out_dir`` (see the module docstring).
 
     All or nothing: shards are written as temporary files and renamed into place, then ``index.json``
     is written atomically; on any error the temporary files are removed and nothing is left behind.
-    ``out_dir`` must not already hold a shard set.
+    ``out_dir`` must not already hold a shard set. Documents of fewer than ``min_tokens`` tokens are left out
+    (long-context mid-training keeps only long documents); ``short_documents`` counts them.
     """
     out_dir = Path(out_dir)
     if shard_tokens < 1:
@@ -265,7 +268,7 @@ def tokenize_to_shards(
     suffix = [eos_id] if eos_id is not None else []
     writer = _ShardWriter(out_dir, shard_tokens)
     total_bad = dict.fromkeys(BAD_KINDS, 0)
-    n_docs = 0
+    n_docs = n_short = 0
     try:
         for path in sources:
             path = Path(path)
@@ -274,6 +277,9 @@ def tokenize_to_shards(
                 ids = np.asarray(prefix + list(tokenizer.encode(text)) + suffix, dtype=np.int64)
                 if len(ids) == 0:
                     bad.add("empty", "encoded to no tokens")
+                    continue
+                if len(ids) < min_tokens:
+                    n_short += 1
                     continue
                 if ids.min() < 0 or ids.max() > np.iinfo(TOKEN_DTYPE).max:
                     raise ValueError(f"{path}: token id out of uint32 range")
@@ -284,7 +290,8 @@ def tokenize_to_shards(
                 total_bad[k] += v
         writer.flush()
         info = ShardSetInfo(shards=writer.shards, total_tokens=sum(s["tokens"] for s in writer.shards),
-                            total_documents=n_docs, bad_records=total_bad, bos_id=bos_id, eos_id=eos_id)
+                            total_documents=n_docs, bad_records=total_bad, bos_id=bos_id, eos_id=eos_id,
+                            short_documents=n_short)
         writer.commit(info)
     except BaseException:
         writer.abort()

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from herd import checkpoint
 from herd.config import ModelConfig, load_config, preset
-from herd.errors import ConfigError
+from herd.errors import ConfigError, HerdError
 from herd.model.transformer import Transformer
 from herd.tokenizer import Tokenizer
 from herd.train import checkpointing
@@ -115,8 +115,6 @@ class Trainer:
             self.tokenizer, self.tokenizer_dir = self._tokenizer()
             if ckpt is not None:
                 self.model_cfg = load_config(ckpt / checkpointing.MODEL_DIR)
-            elif cfg.model.init_from:
-                self.model_cfg = load_config(cfg.path(cfg.model.init_from))
             else:
                 self.model_cfg = self.model_config()
             self.loader = self._loader(cfg.data.sources, cfg.data.seed, "source")
@@ -165,6 +163,9 @@ class Trainer:
             path = self.cfg.path(spec.path)
             return Tokenizer.load(path), (path if path.is_dir() else path.parent)
         if not spec.train_files:
+            init = self.init_dir()
+            if init is not None and any(init.glob("tokenizer.*")):
+                return Tokenizer.for_model(init), init  # continuing a model: its own tokenizer
             return Tokenizer.load(), None  # the Llama 4 tokenizer
         out = self.out / "tokenizer"
         if (out / "tokenizer.model").is_file():
@@ -186,6 +187,8 @@ class Trainer:
                 raise ConfigError(f"data source {spec.files} has images ({spec.images_key!r}) but the model has no "
                                   f"vision_config (use a vision preset such as tiny-vision, or drop images_key)")
             extra += f"|{spec.images_key}|{vision.image_size}|{vision.tokens_per_tile}|{self.cfg.data.seq_len}"
+        if spec.min_tokens:
+            extra += f"|min{spec.min_tokens}"
         key = _fingerprint(files, tok_file if tok_file and tok_file.is_file() else None, extra)
         out = self.out / "data" / f"{name}-{key}"
         if spec.images_key:
@@ -199,41 +202,64 @@ class Trainer:
         if not (out / INDEX_FILE).is_file():
             print(f"tokenising {len(files)} files -> {out}")
             info = tokenize_to_shards(files, out, self.tokenizer, text_key=spec.text_key,
-                                      bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id)
-            print(f"  {info.total_documents} documents, {info.total_tokens:,} tokens")
-        return TokenShards(out)
+                                      bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id,
+                                      min_tokens=spec.min_tokens)
+            short = f" ({info.short_documents} under min_tokens left out)" if spec.min_tokens else ""
+            print(f"  {info.total_documents} documents, {info.total_tokens:,} tokens{short}")
+        shards = TokenShards(out)
+        if shards.info.total_documents == 0:
+            raise ConfigError(f"data source {spec.files}: no document left"
+                              + (f" of at least min_tokens={spec.min_tokens} tokens" if spec.min_tokens else ""))
+        return shards
 
     def _loader(self, specs: list[SourceSpec], seed: int, name: str) -> PackedLoader:
         sources = [(self._shards(s, f"{name}{i}"), s.weight) for i, s in enumerate(specs)]
         return PackedLoader(sources, self.cfg.data.seq_len, self.cfg.data.batch_size, seed=seed)
 
+    def init_dir(self) -> Path | None:
+        """``[model] init_from`` as a model directory: itself, or a checkpoint's / a run's latest ``model/``."""
+        if not self.cfg.model.init_from:
+            return None
+        path = self.cfg.path(self.cfg.model.init_from)
+        if (path / "config.json").is_file():
+            return path
+        try:
+            return checkpointing.resolve(path) / checkpointing.MODEL_DIR
+        except HerdError:
+            raise ConfigError(f"model.init_from={self.cfg.model.init_from!r}: {path} is neither a model directory "
+                              f"(config.json) nor a training run or checkpoint") from None
+
     def model_config(self) -> ModelConfig:
         spec = self.cfg.model
-        base = load_config(self.cfg.path(spec.init_from)) if spec.init_from else preset(spec.preset)
+        init = self.init_dir()
+        base = load_config(init) if init is not None else preset(spec.preset)
         changes = dict(spec.overrides)
         tok = self.tokenizer
-        changes.setdefault("vocab_size", tok.vocab_size)
-        if changes["vocab_size"] < tok.vocab_size:
-            raise ConfigError(f"model.vocab_size={changes['vocab_size']} is smaller than the tokenizer's "
+        if init is None:  # a new model takes its vocabulary and special ids from the tokenizer
+            changes.setdefault("vocab_size", tok.vocab_size)
+            changes.setdefault("bos_token_id", tok.bos_id)
+            changes.setdefault("eos_token_id", (tok.eos_id, tok.eom_id, tok.eot_id))
+            changes.setdefault("pad_token_id", tok.pad_id)
+            for name, token in (("image_token_id", "<|patch|>"), ("boi_token_id", "<|image_start|>"),
+                                ("eoi_token_id", "<|image_end|>")):
+                changes.setdefault(name, tok.token_id(token))
+        new = base.replace(**changes)
+        if new.vocab_size < tok.vocab_size:
+            raise ConfigError(f"model.vocab_size={new.vocab_size} is smaller than the tokenizer's "
                               f"{tok.vocab_size} ids")
-        changes.setdefault("bos_token_id", tok.bos_id)
-        changes.setdefault("eos_token_id", (tok.eos_id, tok.eom_id, tok.eot_id))
-        changes.setdefault("pad_token_id", tok.pad_id)
-        for name, token in (("image_token_id", "<|patch|>"), ("boi_token_id", "<|image_start|>"),
-                            ("eoi_token_id", "<|image_end|>")):
-            changes.setdefault(name, tok.token_id(token))
-        if self.cfg.data.seq_len > base.replace(**changes).max_seq_len:
-            raise ConfigError(f"data.seq_len={self.cfg.data.seq_len} exceeds the model's max_seq_len")
-        return base.replace(**changes)
+        if self.cfg.data.seq_len > new.max_seq_len:
+            raise ConfigError(f"data.seq_len={self.cfg.data.seq_len} exceeds the model's max_seq_len "
+                              f"({new.max_seq_len}; set model.max_seq_len)")
+        if init is not None:
+            _check_same_shapes(base, new, init, sorted(spec.overrides))
+        return new
 
     def _model(self, ckpt: Path | None) -> Transformer:
         """The model to train, before any checkpoint state (a resumed run's weights are loaded after sharding)."""
-        if self.cfg.model.init_from and ckpt is None:
-            model = checkpoint.load(self.cfg.path(self.cfg.model.init_from), dtype=torch.float32)
-            if model.cfg.vocab_size < self.tokenizer.vocab_size:
-                raise ConfigError("init_from model's vocab is smaller than the tokenizer's")
-            return model
-        return Transformer(self.model_cfg)
+        model = Transformer(self.model_cfg)
+        if self.cfg.model.init_from and ckpt is None:  # its weights, under the (possibly changed) config
+            model.load_state_dict(checkpoint.load(self.init_dir(), dtype=torch.float32).state_dict())
+        return model
 
     def _optimizer(self) -> torch.optim.AdamW:
         o = self.cfg.optim
@@ -395,6 +421,17 @@ class Trainer:
                 with contextlib.suppress(ValueError):
                     signal.signal(s, h)
         return last
+
+
+def _check_same_shapes(base: ModelConfig, new: ModelConfig, init: Path, keys: list[str]) -> None:
+    """A continued model may change how it runs (RoPE, chunking, context), never the shape of a weight."""
+    with torch.device("meta"):
+        a, b = Transformer(base).state_dict(), Transformer(new).state_dict()
+    bad = [k for k in a if k not in b or a[k].shape != b[k].shape] + [k for k in b if k not in a]
+    if bad:
+        raise ConfigError(f"[model] {', '.join(keys)} would change the weights of init_from {init} (first: {bad[0]}); "
+                          f"a continued model can change only keys such as rope_theta, rope_scaling, max_seq_len, "
+                          f"attention_chunk_size, nope_layer_interval, floor_scale, attn_scale")
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
