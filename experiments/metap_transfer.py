@@ -2,7 +2,7 @@
 under MetaP (herd/train/metap.py), on the same data, plus a coordinate check. Writes docs/metap_transfer.png,
 docs/metap_coords.png and the table in docs/metap_transfer.md.
 
-    make pico-data && python experiments/metap_transfer.py            # ~35 min on 2 CPU cores
+    make pico-data && python experiments/metap_transfer.py            # ~40 min on 2 CPU cores
     python experiments/metap_transfer.py --steps 40 --widths 32,64    # a quick look
 
 Each finished run is appended to runs/metap_transfer/results.jsonl and skipped when the command is run again,
@@ -201,7 +201,7 @@ def fitted_argmin(curve: dict[float, float]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--widths", default="32,64,128,256")
-    p.add_argument("--lrs", default="-11,-10,-9,-8,-7,-6", help="log2 learning rates")
+    p.add_argument("--lrs", default="-10,-9,-8,-7,-6,-5", help="log2 learning rates")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
