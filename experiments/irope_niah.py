@@ -12,9 +12,9 @@ needle-in-a-haystack harness (herd/eval/niah.py) at L, 4L, 16L and 64L:
 256K-token training: (c) differs from (a) only at inference.)
 
 Training rows are the evaluation task at length L: a window of the haystack text (Hamlet and The Tempest, shipped
-in herd/eval/haystack) with 1-3 planted "The special magic number for {key} is {value}." sentences under
-different keys, then the question about one of them and its answer. The loss covers every token, the answer's
-value tokens weighted 10x.
+in herd/eval/haystack) with 1-2 planted "The special magic number for {key} is {value}." sentences under
+different keys, then a question and answer for each key (the first exactly as the evaluation asks). The loss
+covers every token, the answers' value tokens weighted 10x.
 
     python experiments/irope_niah.py                     # ~35 min on 2 CPU cores; resumes where it stopped
     python experiments/irope_niah.py --steps 20 --lengths 256,512 --needles 1   # a quick look
@@ -38,8 +38,8 @@ import torch
 
 from herd import checkpoint
 from herd.config import preset
-from herd.eval.niah import (KEYS, NEEDLE, NiahConfig, PromptBuilder, engine_completer, haystack_ids, run_niah,
-                            save)
+from herd.eval.niah import (ANSWER, KEYS, NEEDLE, QUESTION, NiahConfig, PromptBuilder, engine_completer,
+                            haystack_ids, run_niah, save)
 from herd.infer.engine import Engine
 from herd.model import Transformer
 from herd.tokenizer import Tokenizer
@@ -62,26 +62,33 @@ def config(variant: str, vocab: int, tok: Tokenizer, max_len: int):
 
 
 def training_row(builder: PromptBuilder, tok: Tokenizer, length: int, rng: random.Random):
-    """One row of ``length`` + 1 tokens: haystack with 1-3 needles, then a question about one of them and its
-    answer; and per-token loss weights (the answer value 10x)."""
-    keys = rng.sample(KEYS, rng.randint(1, 3))
+    """One row of ``length`` + 1 tokens: haystack with 1-2 needles under different keys, then a question and
+    answer for each key (the first exactly as the evaluation asks it); and per-token loss weights (the answers'
+    value tokens 10x)."""
+    keys = rng.sample(KEYS, rng.randint(1, 2))
     values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in keys]
     needles = [tok.encode(" " + NEEDLE.format(key=k, value=v) + "\n") for k, v in zip(keys, values)]
-    answer = tok.encode(" " + values[0] + ".")  # the question is about the first key
-    # the prompt for the asked needle at a random depth, shortened to leave room for the others
-    n = length + 1 - len(answer) - sum(len(x) for x in needles[1:])
+    # answers: the prompt ends at "... is", the value comes as a separate piece, as the model generates it
+    answers = [tok.encode(" " + v + ".") for v in values]
+    more = [tok.encode("\n\nQuestion: " + QUESTION.format(key=k) + "\nAnswer: " + ANSWER.format(key=k))
+            for k in keys[1:]]
+    n = length + 1 - sum(len(x) for x in needles[1:] + answers + more)
     ids = builder.build(n, rng.random(), keys[0], values[0], rng.randrange(len(builder.hay)))
     head, tail = builder.frame(keys[0])
     asked = next(i for i in range(len(ids)) if ids[i:i + len(needles[0])] == needles[0])
-    for needle in needles[1:]:  # the other keys' needles anywhere in the haystack, never inside the asked one
+    for needle in needles[1:]:  # the other needles anywhere in the haystack, never inside the first one
         spots = [i for i in range(len(head), len(ids) - len(tail) + 1) if not asked < i < asked + len(needles[0])]
         at = rng.choice(spots)
         ids = ids[:at] + needle + ids[at:]
         asked += len(needle) if at <= asked else 0
-    ids = ids + answer
+    value_at = []
+    for q, answer in zip([[]] + more, answers):
+        ids += q
+        value_at += range(len(ids), len(ids) + len(answer) - 1)  # the value's tokens, not the final "."
+        ids += answer
     weights = [1.0] * (len(ids) - 1)
-    for i in range(len(ids) - len(answer), len(ids) - 1):  # the value's tokens (not the final ".")
-        weights[i - 1] = 10.0
+    for i in value_at:
+        weights[i - 1] = 10.0  # weights[t] belongs to the prediction of ids[t + 1]
     return ids, weights
 
 
@@ -113,9 +120,9 @@ def train(variant: str, out: Path, args, tok: Tokenizer, builder: PromptBuilder)
         if (step + 1) % 50 == 0 or step + 1 == args.steps:
             answer = w > 1  # how often the next value digit is the argmax: retrieval at the training length
             digits = float((logits.detach().argmax(-1) == ids[:, 1:])[answer].float().mean())
-            log.append({"step": step + 1, "loss": float(loss), "answer_digit_acc": digits,
+            log.append({"step": step + 1, "loss": loss.item(), "answer_digit_acc": digits,
                         "s": round(time.time() - start, 1)})
-            print(f"  {variant} step {step + 1}/{args.steps}: weighted loss {float(loss):.3f}, answer digits "
+            print(f"  {variant} step {step + 1}/{args.steps}: weighted loss {loss.item():.3f}, answer digits "
                   f"{digits:.0%} ({time.time() - start:.0f}s)", flush=True)
     checkpoint.save(model, model_dir)
     for f in (ROOT / "models" / "herd-pico").glob("tokenizer*"):
@@ -168,7 +175,7 @@ def write_doc(results: dict[str, dict], args, minutes: float) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--train-len", type=int, default=256)

@@ -173,7 +173,7 @@ def _torchrun(argv: list[str], nproc: int, threads: int | None) -> None:
     sys.exit(subprocess.call(cmd, env=env))
 
 
-def _token_count(text: str) -> int:
+def parse_token_count(text: str) -> int:
     """1024, 4K (= 4096), 1M (= 2**20)."""
     t = text.strip().upper()
     scale = {"K": 2**10, "M": 2**20}.get(t[-1:], 1)
@@ -190,7 +190,7 @@ def cmd_niah(args: argparse.Namespace) -> None:
         depths = [float(d) for d in args.depths.split(",")]
     except ValueError:
         raise HerdError(f"bad --depths {args.depths!r}: fractions such as 0,0.5,1") from None
-    cfg = NiahConfig(lengths=[_token_count(x) for x in args.lengths.split(",")], depths=depths,
+    cfg = NiahConfig(lengths=[parse_token_count(x) for x in args.lengths.split(",")], depths=depths,
                      needles=args.needles, chat=args.chat, seed=args.seed, haystack=args.haystack or [])
     llm = _load(args)
     limit = llm.model.cfg.max_seq_len

@@ -199,7 +199,7 @@ def heatmap(result: NiahResult, path: str | Path, title: str | None = None) -> P
     cmap = LinearSegmentedColormap.from_list("niah", ["#ffffff", "#2e9e5b"])
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(lengths), 1.0 + 0.42 * len(depths)), dpi=120)
     ax.imshow(grid, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(lengths)), [_short(L) for L in lengths])
+    ax.set_xticks(range(len(lengths)), [short_count(L) for L in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     ax.set_xticks([x - 0.5 for x in range(1, len(lengths))], minor=True)
     ax.set_yticks([y - 0.5 for y in range(1, len(depths))], minor=True)
@@ -215,7 +215,8 @@ def heatmap(result: NiahResult, path: str | Path, title: str | None = None) -> P
     return path
 
 
-def _short(n: int) -> str:
+def short_count(n: int) -> str:
+    """4096 -> 4K, 2**20 -> 1M (other numbers as they are)."""
     for unit, size in (("M", 2**20), ("K", 2**10)):
         if n >= size and n % (size // 4) == 0:
             return f"{n / size:g}{unit}"

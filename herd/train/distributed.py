@@ -2,8 +2,9 @@
 
 Each transformer block is its own FSDP unit (its parameters are gathered just before it runs and freed after),
 and the root module holds the embedding, final norm and LM head. Parameters, gradients and optimizer state are
-sharded over the ranks; gradients are averaged across them. It runs on CPU with the gloo backend (how the tests
-check it: 2 processes give the single-process losses) and on CUDA with NCCL.
+sharded over the ranks; gradients are averaged across them, or summed (``sum_gradients``) when every rank's loss
+is already normalised by the global token count, as the trainer does. It runs on CPU with the gloo backend (how
+the tests check it: 2 processes give the single-process losses) and on CUDA with NCCL.
 
 Expert parallelism (``herd.train.expert_parallel``) shards the routed experts over the same ranks instead; FSDP
 then leaves them alone. ``herd train RECIPE --nproc N`` launches the trainer through torchrun.

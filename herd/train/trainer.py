@@ -107,6 +107,7 @@ class Trainer:
         if not resume and checkpointing.latest(self.ckpt_root) is not None:
             raise ConfigError(f"{self.out} already holds checkpoints: pass --resume to continue that run, or choose "
                               f"another train.out_dir")
+        self.init = self._init_dir()
         with self.world.main_first():  # rank 0 builds the shared files (tokenizer, shards); the others read them
             if self.world.main:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -163,9 +164,8 @@ class Trainer:
             path = self.cfg.path(spec.path)
             return Tokenizer.load(path), (path if path.is_dir() else path.parent)
         if not spec.train_files:
-            init = self.init_dir()
-            if init is not None and any(init.glob("tokenizer.*")):
-                return Tokenizer.for_model(init), init  # continuing a model: its own tokenizer
+            if self.init is not None and any(self.init.glob("tokenizer.*")):
+                return Tokenizer.for_model(self.init), self.init  # continuing a model: its own tokenizer
             return Tokenizer.load(), None  # the Llama 4 tokenizer
         out = self.out / "tokenizer"
         if (out / "tokenizer.model").is_file():
@@ -216,7 +216,7 @@ class Trainer:
         sources = [(self._shards(s, f"{name}{i}"), s.weight) for i, s in enumerate(specs)]
         return PackedLoader(sources, self.cfg.data.seq_len, self.cfg.data.batch_size, seed=seed)
 
-    def init_dir(self) -> Path | None:
+    def _init_dir(self) -> Path | None:
         """``[model] init_from`` as a model directory: itself, or a checkpoint's / a run's latest ``model/``."""
         if not self.cfg.model.init_from:
             return None
@@ -231,7 +231,7 @@ class Trainer:
 
     def model_config(self) -> ModelConfig:
         spec = self.cfg.model
-        init = self.init_dir()
+        init = self.init
         base = load_config(init) if init is not None else preset(spec.preset)
         changes = dict(spec.overrides)
         tok = self.tokenizer
@@ -257,8 +257,8 @@ class Trainer:
     def _model(self, ckpt: Path | None) -> Transformer:
         """The model to train, before any checkpoint state (a resumed run's weights are loaded after sharding)."""
         model = Transformer(self.model_cfg)
-        if self.cfg.model.init_from and ckpt is None:  # its weights, under the (possibly changed) config
-            model.load_state_dict(checkpoint.load(self.init_dir(), dtype=torch.float32).state_dict())
+        if self.init is not None and ckpt is None:  # its weights, under the (possibly changed) config
+            model.load_state_dict(checkpoint.load(self.init, dtype=torch.float32).state_dict())
         return model
 
     def _optimizer(self) -> torch.optim.AdamW:
