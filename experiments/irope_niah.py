@@ -16,7 +16,13 @@ in herd/eval/haystack) with 1-2 planted "The special magic number for {key} is {
 different keys, then a question and answer for each key (the first exactly as the evaluation asks). The loss
 covers every token, the answers' value tokens weighted 10x.
 
-    python experiments/irope_niah.py                     # ~35 min on 2 CPU cores; resumes where it stopped
+Status (2026-11-25): not yet a working study. With these defaults the iRoPE model did not learn retrieval even at
+the training length: over 2000 steps (14 min) the weighted loss fell from 4.4 to 1.1 (the haystack text is
+memorised) while the answer's digit accuracy stayed at 20-25%, i.e. no induction/copy circuit formed. Next to
+try: denser retrieval rows (many short key-value pairs and questions per row), a warm-up on repeated random
+sequences, or more steps; then the comparison below.
+
+    python experiments/irope_niah.py                     # resumes where it stopped
     python experiments/irope_niah.py --steps 20 --lengths 256,512 --needles 1   # a quick look
 
 Writes runs/irope_niah/{variant}/ (model, niah.json, niah.png), and docs/irope_niah.md with the heatmaps copied
