@@ -206,6 +206,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--seeds", type=int, default=1, help="runs per point (averaged)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: redraw the figures and table from the runs recorded so far (points with "
+                        "fewer than --seeds seeds average the ones they have)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "metap_transfer")
     a = p.parse_args()
     widths = [int(w) for w in a.widths.split(",")]
@@ -220,7 +223,8 @@ def main() -> None:
     done = {key(r) for r in results}
     # at the base width MetaP's factors are all 1: the same run as SP, trained once and recorded for both
     todo = [(w, lr, seed) for w in widths for lr in lrs for seed in range(a.seeds)
-            if not {key({"param": p, "width": w, "lr": lr, "seed": seed, **setting}) for p in ("sp", "metap")} <= done]
+            if not {key({"param": p, "width": w, "lr": lr, "seed": seed, **setting}) for p in ("sp", "metap")} <= done
+            and not a.report_only]
     start = time.time()
     for i, (w, lr, seed) in enumerate(todo):
         for param in ("sp", "metap"):
@@ -242,11 +246,16 @@ def main() -> None:
                and r["lr"] in lrs and r.get("seed", 0) < a.seeds]
     coords = coord_check(widths, train, a.seq)
     table = figures(results, coords, widths, ROOT / "docs")
-    (ROOT / "docs" / "metap_transfer.md").write_text(
+    doc = ROOT / "docs" / "metap_transfer.md"
+    old = doc.read_text() if doc.is_file() else ""
+    reading = old[old.index("## Reading"):] if "## Reading" in old else ""  # the hand-written part stays
+    doc.write_text(
         f"# MetaP transfer study\n\n`python experiments/metap_transfer.py --steps {a.steps} --widths {a.widths} "
-        f"--lrs={a.lrs} --batch {a.batch} --seq {a.seq} --seeds {a.seeds}` ({time.strftime('%Y-%m-%d')}; "
+        f"--lrs={a.lrs} --batch {a.batch} --seq {a.seq} --seeds {a.seeds}{' --report-only' if a.report_only else ''}` "
+        f"({time.strftime('%Y-%m-%d')}; "
         f"{a.steps} steps of {a.batch} x {a.seq} tokens per run).\n\n"
-        f"![loss vs learning rate](metap_transfer.png)\n\n{table}\n\n![coordinate check](metap_coords.png)\n")
+        f"![loss vs learning rate](metap_transfer.png)\n\n{table}\n\n![coordinate check](metap_coords.png)\n"
+        + (f"\n{reading}" if reading else ""))
     print(table)
 
 
