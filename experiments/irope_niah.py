@@ -18,9 +18,12 @@ covers every token, the answers' value tokens weighted 10x.
 
 Status (2026-11-25): not yet a working study. With these defaults the iRoPE model did not learn retrieval even at
 the training length: over 2000 steps (14 min) the weighted loss fell from 4.4 to 1.1 (the haystack text is
-memorised) while the answer's digit accuracy stayed at 20-25%, i.e. no induction/copy circuit formed. Next to
-try: denser retrieval rows (many short key-value pairs and questions per row), a warm-up on repeated random
-sequences, or more steps; then the comparison below.
+memorised) while the answer's digit accuracy stayed at 20-25%, i.e. no induction/copy circuit formed. A probe
+with denser rows (6 facts "Verona 482." and 6 questions per 256-token row, constant lr 3e-3) did not learn
+either, with iRoPE (700 steps) or with RoPE + full attention (500 steps): answer digits 30-35%, chance level. So
+the obstacle is the training recipe, not iRoPE. Next to try: fp32 instead of bf16 autocast, lower LR, a dense
+model, a warm-up on repeated random sequences (the fastest known way to grow induction heads), more steps; then
+the comparison below.
 
     python experiments/irope_niah.py                     # resumes where it stopped
     python experiments/irope_niah.py --steps 20 --lengths 256,512 --needles 1   # a quick look
