@@ -17,7 +17,7 @@ different keys, then a question and answer for each key (the first exactly as th
 covers every token, the answers' value tokens weighted 10x.
 
 Status (2026-11-25): not yet a working study. With these defaults the iRoPE model did not learn retrieval even at
-the training length: over 2000 steps (14 min) the weighted loss fell from 4.4 to 1.1 (the haystack text is
+the training length: over 1800 steps (14 min) the weighted loss fell from 4.4 to 1.1 (the haystack text is
 memorised) while the answer's digit accuracy stayed at 20-25%, i.e. no induction/copy circuit formed. A probe
 with denser rows (6 facts "Verona 482." and 6 questions per 256-token row, constant lr 3e-3) did not learn
 either, with iRoPE (700 steps) or with RoPE + full attention (500 steps): answer digits 30-35%, chance level. So
