@@ -5,8 +5,9 @@ docs/metap_coords.png and the table in docs/metap_transfer.md.
     make pico-data && python experiments/metap_transfer.py            # ~40 min on 2 CPU cores
     python experiments/metap_transfer.py --steps 40 --widths 32,64    # a quick look
 
-Each finished run is appended to runs/metap_transfer/results.jsonl and skipped when the command is run again,
-so an interrupted study resumes where it stopped.
+Each finished run is appended to experiments/results/metap_transfer.jsonl (committed, so a later session or
+another machine redraws or extends the study without retraining) and skipped when the command is run again, so an
+interrupted study resumes where it stopped.
 
 Models: Llama 4 shape (MoE on every layer, 4 experts top-1 + shared, iRoPE), 4 layers, head_dim 16, width 32 x
 {1, 2, 4, 8}, expert FFN 2 x width; the pico tokenizer; the pico corpus (Shakespeare, Hamlet and The Tempest
@@ -209,30 +210,34 @@ def main() -> None:
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: redraw the figures and table from the runs recorded so far (points with "
                         "fewer than --seeds seeds average the ones they have)")
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "metap_transfer")
+    p.add_argument("--params", default="sp,metap", help="parametrisations to train (both are drawn)")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "metap_transfer", help="tokenised corpus cache")
+    p.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "metap_transfer.jsonl")
     a = p.parse_args()
     widths = [int(w) for w in a.widths.split(",")]
     lrs = [2.0 ** float(x) for x in a.lrs.split(",")]
     a.out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.load(ROOT / "models" / "herd-pico")
     train, held = shards(a.out, tok)
-    results_file = a.out / "results.jsonl"
+    results_file = a.results
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    params = a.params.split(",")
     results = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
     setting = {"steps": a.steps, "batch": a.batch, "seq": a.seq}
     key = lambda r: (r["param"], r["width"], r["lr"], r.get("seed", 0), r["steps"], r.get("batch", 8), r.get("seq", 128))  # noqa: E731
     done = {key(r) for r in results}
     # at the base width MetaP's factors are all 1: the same run as SP, trained once and recorded for both
     todo = [(w, lr, seed) for w in widths for lr in lrs for seed in range(a.seeds)
-            if not {key({"param": p, "width": w, "lr": lr, "seed": seed, **setting}) for p in ("sp", "metap")} <= done
+            if not {key({"param": p, "width": w, "lr": lr, "seed": seed, **setting}) for p in params} <= done
             and not a.report_only]
     start = time.time()
     for i, (w, lr, seed) in enumerate(todo):
-        for param in ("sp", "metap"):
+        for param in params:
             r = {"param": param, "width": w, "lr": lr, "seed": seed, **setting}
             if key(r) in done:
                 continue
-            if param == "metap" and w == BASE:
-                twin = next(x for x in results if key(x) == key({**r, "param": "sp"}))
+            twin = next((x for x in results if w == BASE and key(x)[1:] == key(r)[1:]), None)
+            if twin is not None:
                 r |= {k: v for k, v in twin.items() if k not in r}
             else:
                 r |= train_one(w, param, lr, train, held, a.steps, a.batch, a.seq, seed)

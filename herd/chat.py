@@ -202,6 +202,43 @@ class ChatFormat:
         return self.encode_dialog(laid_out, add_generation_prompt), images
 
 
+# transformers' Llama 4 chat template (tools_in_user_message, its default): the tool list goes into the first user
+# message after this preamble, and the system message (if any) says it runs in an ipython environment.
+_TOOLS_PREAMBLE = ("Given the following functions, please respond with a JSON for a function call with its proper "
+                   "arguments that best answers the given prompt.\n\n"
+                   'Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+                   'value}.Do not use variables.\n\n')
+
+
+def with_tools(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """The messages with the tool definitions (OpenAI-style dicts, e.g. {"type": "function", "function":
+    {"name", "description", "parameters"}}) placed as transformers' Llama 4 template places them; unchanged
+    without tools."""
+    if not tools:
+        return messages
+    out, first = list(messages), 0
+    if out and out[0].get("role") == "system":
+        out[0] = {**out[0], "content": "Environment: ipython\n" + _text_of(out[0].get("content")).strip()}
+        first = 1
+    if first >= len(out) or out[first].get("role") != "user":
+        raise HerdError("tool definitions go into the first user message, and there is none after the system "
+                        "message")
+    listing = _TOOLS_PREAMBLE + "".join(json.dumps(t, indent=4, ensure_ascii=False) + "\n\n" for t in tools)
+    content = out[first].get("content")
+    if isinstance(content, (list, dict)):  # images stay where they are; the listing leads the text
+        content = [{"type": "text", "text": listing}, *_parts(content)]
+    else:
+        content = listing + (content or "").strip()
+    out[first] = {**out[first], "content": content}
+    return out
+
+
+def _text_of(content: str | list | dict | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(p if isinstance(p, str) else p.get("text", "") for p in _parts(content))
+
+
 def has_pixels(messages: list[dict]) -> bool:
     """Whether any message carries an image or video part that is not layout-only."""
     return any(isinstance(part, dict) and part.get("type") in ("image", "video") and "tiles" not in part

@@ -97,6 +97,25 @@ def cmd_chat(args: argparse.Namespace) -> None:
     repl(_load(args), _params(args), system=args.system)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from herd.api import default_model_dir, load
+    from herd.serve.app import serve
+
+    api_key = args.api_key or os.environ.get("HERD_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"herd: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    if args.media_dir is not None and not args.media_dir.is_dir():
+        raise HerdError(f"--media-dir {args.media_dir} is not a directory")
+    llm = load(args.model_dir, dtype=args.dtype, device=args.device)
+    name = args.model_name or Path(args.model_dir or default_model_dir()).name
+    print(f"herd: serving {name} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, "
+          f"queue {args.max_queue})", file=sys.stderr, flush=True)
+    serve(llm, name, host=args.host, port=args.port, log_level=args.log_level, api_key=api_key,
+          max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
+          max_len=args.max_model_len, media_dir=args.media_dir)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from herd.infer.bench import bench
 
@@ -271,6 +290,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help='print {"prompt_ids", "token_ids", "text", "stop_reason"} (one line per prompt)')
     _add_sampling_args(s, 64)
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching (/v1/chat/completions, "
+                                     "/v1/completions, /v1/models, /health, /metrics)")
+    s.add_argument("model_dir", nargs="?", default=None,
+                   help="HF model directory, or a preset name (random weights); default: the embedded herd-pico")
+    s.add_argument("--dtype", default=None, help="bf16 | fp32 (default: as stored)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or set HERD_API_KEY)")
+    s.add_argument("--model-name", default=None, help="the model id clients ask for (default: the directory name)")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting sequences before requests get 429")
+    s.add_argument("--max-tokens-limit", type=int, default=None, help="the largest max_tokens a request may ask for")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + completion bound per sequence (default: the model's context, at most 8192)")
+    s.add_argument("--media-dir", type=Path, default=None,
+                   help="image parts may name local files under this directory (default: data: URLs only)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /exit)")
     _add_model_args(s)

@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from herd.chat import ChatFormat, encode_tool_call, image_token_ids, parse_assistant
+from herd.chat import ChatFormat, encode_tool_call, image_token_ids, parse_assistant, with_tools
 from herd.errors import HerdError
 from herd.tokenizer import Tokenizer
 
@@ -236,3 +236,30 @@ def test_parse_assistant_tolerates_prose_and_parallel_calls():
 def test_encoded_tool_call_parses_back(fmt):
     call = {"name": "get_weather", "arguments": {"city": "Paris", "days": 3, "metric": False}}
     assert parse_assistant(encode_tool_call(call, fmt))["tool_calls"] == [call]
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city — now",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}},
+         {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "What's the weather in Paris?"}],
+    [{"role": "system", "content": "You are terse. "}, {"role": "user", "content": " Weather in Oslo?\n"}],
+])
+def test_tool_definitions_match_transformers_template(tok, messages):
+    """The tool listing (first user message) and the system line, as transformers' Llama 4 chat template renders
+    them, text for text."""
+    from transformers.models.llama4.processing_llama4 import chat_template
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    ref = render_jinja_template([messages], tools=TOOLS, chat_template=chat_template,
+                                bos_token="<|begin_of_text|>", add_generation_prompt=True)
+    while not isinstance(ref, str):  # (rendered, generation indices) / one string per conversation
+        ref = ref[0]
+    ours = tok.decode(ChatFormat(tok).encode_dialog(with_tools(messages, TOOLS)))
+    assert ours == ref
+    assert with_tools(messages, None) is messages
+    with pytest.raises(HerdError, match="first user message"):
+        with_tools([{"role": "system", "content": "x"}], TOOLS)

@@ -36,10 +36,31 @@ class KVCache:
     # -- views -------------------------------------------------------------------------------------------------
     def row(self, b: int) -> KVCache:
         """A view of row ``b`` (shares the buffers): prefill one prompt without touching the others."""
+        return self.rows(b, b + 1)
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A view of rows [start, stop) (shares the buffers): decode the running part of a batch."""
         view = object.__new__(KVCache)
         view.__dict__.update(self.__dict__)
-        view._rows = slice(b, b + 1)
+        view._rows, view._step = slice(start, stop), None
         return view
+
+    # -- slot management (continuous batching: rows are reused by new sequences) ------------------------------
+    def reset_row(self, b: int) -> None:
+        """Empty row ``b`` for a new sequence. Its old keys need no zeroing: the position mask hides a full
+        layer's slots past the new length and a ring's slots marked -1."""
+        self.lengths[b] = 0
+        self.ring_pos[b] = -1
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row ``dst`` becomes a copy of row ``src`` (the used part of every layer, the ring, the length)."""
+        n = self.lengths[src]
+        for layer, (k, v) in enumerate(zip(self.k, self.v)):
+            used = k.shape[2] if self.ring[layer] else n
+            k[dst, :, :used] = k[src, :, :used]
+            v[dst, :, :used] = v[src, :, :used]
+        self.ring_pos[dst] = self.ring_pos[src]
+        self.lengths[dst] = n
 
     def _lengths(self) -> list[int]:
         return self.lengths[self._rows]

@@ -33,7 +33,7 @@ class Completion:
     stop_reason: str  # "stop_token" | "stop_string" | "length"
 
 
-class _Row:
+class Row:
     """Per-prompt bookkeeping: ids, incremental text, stop rules."""
 
     def __init__(self, prompt: list[int], tokenizer: Tokenizer | None, params: SamplingParams, stop_ids: set[int]):
@@ -146,7 +146,16 @@ class Engine:
                 self._image_features.popitem(last=False)
         return self._image_features[key]
 
-    def _check_images(self, prompts: Sequence[list[int]], images: Sequence[torch.Tensor | None]) -> None:
+    def check_inputs(self, prompts: Sequence[list[int]], images: Sequence[torch.Tensor | None]) -> None:
+        """ValueError naming the first prompt that is empty, holds an id outside the vocabulary, or whose image
+        tiles do not fit its <|patch|> placeholders."""
+        vocab = self.model.cfg.vocab_size
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty: give at least one token (e.g. <|begin_of_text|>)")
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} holds token id {bad[0]} outside the vocabulary [0, {vocab})")
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image entries (give None for a text prompt)")
         cfg = self.model.cfg
@@ -165,9 +174,18 @@ class Engine:
                                  f"give {pixels.shape[0] * v.tokens_per_tile} features ({v.tokens_per_tile} per tile)")
 
     def _prefill(self, view, prompt: list[int], pixels: torch.Tensor | None) -> torch.Tensor:
-        """Chunk by chunk into the row's cache; image features are consumed in order as their placeholders come."""
+        for logits in self.prefill_chunks(view, prompt, pixels):
+            pass
+        return logits
+
+    def prefill_chunks(self, view, prompt: list[int], pixels: torch.Tensor | None) -> Iterator[torch.Tensor | None]:
+        """Prefill one row chunk by chunk into its cache view, yielding None after each chunk but the last and
+        then the last position's fp32 logits [V] (a scheduler interleaves the chunks with decode steps). Image
+        features are consumed in order as their placeholders come."""
         features, used = (self._features(pixels) if pixels is not None else None), 0
         for start in range(0, len(prompt), self.prefill_chunk):
+            if start:
+                yield None
             ids = prompt[start:start + self.prefill_chunk]
             piece = torch.tensor([ids], device=self.device)
             if features is None:
@@ -177,27 +195,21 @@ class Engine:
                 embeds = self.model.embed(piece, features[used:used + n])
                 used += n
                 logits = self.model(embeds=embeds, cache=view, last_only=True)
-        return logits[0, -1].float()
+        yield logits[0, -1].float()
 
-    def _stop_ids(self, params: SamplingParams) -> set[int]:
+    def stop_ids(self, params: SamplingParams) -> set[int]:
         if params.stop_ids is not None:
             return set(params.stop_ids)
         return set(self.tokenizer.stop_ids) if self.tokenizer is not None else set()
 
     @torch.inference_mode()
     def _steps(self, prompts: Sequence[list[int]], params: SamplingParams,
-               images: Sequence[torch.Tensor | None] | None = None) -> Iterator[list[_Row]]:
+               images: Sequence[torch.Tensor | None] | None = None) -> Iterator[list[Row]]:
         """Yield the rows after every decode step until all are done."""
         cfg = self.model.cfg
         images = images if images is not None else [None] * len(prompts)
-        self._check_images(prompts, images)
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty: give at least one token (e.g. <|begin_of_text|>)")
-            bad = [t for t in p if not 0 <= t < cfg.vocab_size]
-            if bad:
-                raise ValueError(f"prompt {i} holds token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
-        rows = [_Row(list(p), self.tokenizer, params, self._stop_ids(params)) for p in prompts]
+        self.check_inputs(prompts, images)
+        rows = [Row(list(p), self.tokenizer, params, self.stop_ids(params)) for p in prompts]
         if params.max_new_tokens == 0:
             yield rows
             return
@@ -234,7 +246,7 @@ class Engine:
         """Complete every prompt (token id lists); batched, each row stops on its own. images[i]: the tiles
         [N, 3, H, W] of prompt i's images in <|patch|>-span order (None: a text prompt)."""
         params = params or SamplingParams()
-        rows: list[_Row] = []
+        rows: list[Row] = []
         for rows in self._steps(prompts, params, images):
             pass
         return [Completion(r.prompt, r.ids, r.text, r.reason or "length") for r in rows]

@@ -1,0 +1,386 @@
+"""``herd serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching scheduler.
+
+    POST /v1/chat/completions   messages (text, images as data: URLs or files under --media-dir), tools, stream
+    POST /v1/completions        plain prompts (strings or token ids), echo, stream
+    GET  /v1/models, /health, /metrics (Prometheus)
+
+Requests are parsed and tokenised (images tiled) in a worker thread, queued on the scheduler, and answered from
+the events its thread sends back. Every failure is an OpenAI-style error body with its status: 400 for what the
+request got wrong, 401 without the API key, 404 for another model, 429 when the queue is full; a client that
+disconnects has its sequences cancelled, and its batch rows serve the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from herd.api import LLM
+from herd.chat import parse_assistant, with_tools
+from herd.errors import HerdError
+from herd.serve.metrics import Metrics
+from herd.serve.protocol import (ChatRequest, CompletionRequest, RequestError, envelope, herd_messages, new_id,
+                                 openai_tool_calls, usage)
+from herd.serve.scheduler import Event, QueueFull, Scheduler, Sequence
+
+log = logging.getLogger("herd.serve")
+_CALL_START = "{[<"  # a Llama 4 tool call starts with one of these (JSON, python list, <function=> / <|python_start|>)
+
+
+class Generation:
+    """The sequences of one request on the scheduler, and the events they send back to this event loop."""
+
+    def __init__(self, scheduler: Scheduler, inputs: list[tuple[list[int], object]], params: list):
+        loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def sink(i: int):
+            def on_event(ev: Event) -> None:  # called on the scheduler thread
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+            return on_event
+
+        self.seqs = [Sequence(ids, p, sink(i), pixels) for i, ((ids, pixels), p) in enumerate(zip(inputs, params))]
+        self.open = len(self.seqs)
+        try:
+            scheduler.submit(self.seqs)
+        except QueueFull as e:
+            raise RequestError(f"the server is busy: {e}; retry later", status=429, code="rate_limit_exceeded",
+                               kind="rate_limit_error") from None
+        except ValueError as e:
+            raise RequestError(str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
+
+    async def events(self, request: Request) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) until every sequence has ended; cancels them if the client goes away."""
+        try:
+            while self.open:
+                try:
+                    i, ev = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if ev.finish_reason is not None:
+                    self.open -= 1
+                yield i, ev
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        for s in self.seqs:
+            s.cancel()
+
+
+class ChoiceText:
+    """One choice's text as it streams. With tools on, text is held back from the first character that may begin a
+    tool call, so that a call is sent as tool_calls, never as content."""
+
+    def __init__(self, tools: bool):
+        self.tools, self.text, self.sent, self.holding = tools, "", 0, False
+        self.tokens, self.finish, self.error = 0, None, None
+
+    def push(self, ev: Event) -> str:
+        self.text += ev.text
+        self.tokens, self.finish, self.error = ev.n_tokens, ev.finish_reason or self.finish, ev.error or self.error
+        if self.holding:
+            return ""
+        new = self.text[self.sent:]
+        if self.tools:
+            cut = min((k for k in (new.find(c) for c in _CALL_START) if k >= 0), default=-1)
+            if cut >= 0:
+                new, self.holding = new[:cut], True
+        self.sent += len(new)
+        return new
+
+    def message(self) -> tuple[dict, str]:
+        """The final assistant message and finish reason (tool calls parsed when tools are on)."""
+        if self.tools:
+            parsed = parse_assistant(self.text)
+            if parsed["tool_calls"]:
+                return ({"role": "assistant", "content": parsed["content"] or None,
+                         "tool_calls": openai_tool_calls(parsed["tool_calls"])}, "tool_calls")
+        return {"role": "assistant", "content": self.text}, self.finish
+
+    def rest(self) -> str:
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
+def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None, max_batch: int = 8,
+               max_queue: int = 256, max_tokens_limit: int | None = None, max_len: int | None = None,
+               media_dir: str | Path | None = None) -> FastAPI:
+    """The server app for a loaded model. ``max_len`` bounds prompt + completion (default: the model's context,
+    capped at 8192 to keep the batch's KV cache small); ``max_tokens_limit`` bounds max_tokens."""
+    cfg = llm.model.cfg
+    scheduler = Scheduler(llm.engine, max_batch=max_batch, max_queue=max_queue,
+                          max_len=max_len or min(cfg.max_seq_len, 8192))
+    metrics = Metrics(scheduler)
+    media = Path(media_dir) if media_dir is not None else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    app = FastAPI(title="herd", lifespan=lifespan)
+    app.state.scheduler, app.state.metrics = scheduler, metrics
+
+    # -- errors, auth, counting -----------------------------------------------------------------------------
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, e: RequestError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        if first.get("type") == "json_invalid":
+            message, where = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
+        elif not where:
+            message = f"the request body must be a JSON object ({first.get('msg', 'invalid')})"
+        else:
+            message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
+        return JSONResponse(RequestError(message, where or None).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(RequestError(f"internal error: {type(e).__name__}", status=500, kind="server_error").body(),
+                            status_code=500)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(RequestError(str(e.detail), status=e.status_code, kind=kind).body(),
+                            status_code=e.status_code)
+
+    app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
+
+    # -- plain endpoints ----------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": scheduler.n_running, "waiting": scheduler.queue_depth}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "herd", "max_model_len": scheduler.max_len}]}
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise RequestError(f"the model {name!r} does not exist; this server serves {model_name!r}", "model",
+                               status=404, code="model_not_found", kind="not_found_error")
+
+    def budget(requested: int | None, prompt_len: int) -> int:
+        room = scheduler.max_len - prompt_len
+        if requested is not None and max_tokens_limit is not None and requested > max_tokens_limit:
+            raise RequestError(f"max_tokens={requested} exceeds this server's limit of {max_tokens_limit}",
+                               "max_tokens")
+        if room < max(1, requested or 1):
+            raise RequestError(f"this model's maximum context length is {scheduler.max_len} tokens; the prompt has "
+                               f"{prompt_len} tokens and {requested or 1} more were asked for", "messages",
+                               code="context_length_exceeded")
+        if requested is None:
+            return room if max_tokens_limit is None else min(room, max_tokens_limit)
+        return requested
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        start = time.monotonic()
+        check_model(req.model)
+        req.refuse_unsupported()
+        tools = req.active_tools()
+
+        def prepare():
+            try:
+                return llm.chat_inputs(with_tools(herd_messages(req.messages, media), tools))
+            except (HerdError, ValueError, KeyError, TypeError) as e:
+                raise RequestError(f"{e}", "messages") from None
+
+        ids, pixels = await run_in_threadpool(prepare)
+        n_new = budget(req.token_limit, len(ids))
+        gen = Generation(scheduler, [(ids, pixels)] * req.n, [req.sampling(n_new, i) for i in range(req.n)])
+        metrics.prompt_tokens.inc(len(ids))
+        rid = new_id("chatcmpl")
+        texts = [ChoiceText(tools is not None) for _ in range(req.n)]
+        if req.stream:
+            include_usage = req.stream_options is not None and req.stream_options.include_usage
+            return _sse(chat_stream(gen, request, rid, texts, len(ids), include_usage, start))
+        async for i, ev in gen.events(request):
+            texts[i].push(ev)
+        fail(texts)
+        choices = []
+        for i, t in enumerate(texts):
+            message, finish = t.message()
+            choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
+        done(texts, "/v1/chat/completions", start, gen)
+        return envelope("chat.completion", rid, model_name, choices,
+                        usage=usage(len(ids), sum(t.tokens for t in texts)))
+
+    async def chat_stream(gen, request, rid, texts, prompt_len, include_usage, start):
+        def chunk(i, delta, finish=None):
+            return envelope("chat.completion.chunk", rid, model_name,
+                            [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}])
+
+        for i in range(len(texts)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for i, ev in gen.events(request):
+            t = texts[i]
+            delta = t.push(ev)
+            if delta:
+                yield chunk(i, {"content": delta})
+            if ev.finish_reason is None:
+                continue
+            if ev.error is not None or ev.finish_reason == "cancelled":
+                yield {"error": RequestError(ev.error or "cancelled", status=500, kind="server_error").body()["error"]}
+                continue
+            message, finish = t.message()
+            if message.get("tool_calls"):
+                calls = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
+                yield chunk(i, {"tool_calls": calls})
+            else:
+                rest = t.rest()
+                if rest:
+                    yield chunk(i, {"content": rest})
+            yield chunk(i, {}, finish)
+        if include_usage:
+            yield envelope("chat.completion.chunk", rid, model_name, [],
+                           usage=usage(prompt_len, sum(t.tokens for t in texts)))
+        done(texts, "/v1/chat/completions", start, gen)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        start = time.monotonic()
+        check_model(req.model)
+        req.refuse_unsupported()
+        prompts = req.prompts()
+        try:
+            encoded = [llm.encode(p) for p in prompts]
+        except (HerdError, ValueError) as e:
+            raise RequestError(str(e), "prompt") from None
+        inputs, params, echo = [], [], []
+        for p, ids in zip(prompts, encoded):
+            n_new = budget(req.max_tokens, len(ids))
+            for j in range(req.n):
+                inputs.append((ids, None))
+                params.append(req.sampling(n_new, j))
+                echo.append((p if isinstance(p, str) else llm.tokenizer.decode(ids)) if req.echo else "")
+        gen = Generation(scheduler, inputs, params)
+        prompt_tokens = sum(len(ids) for ids in encoded)
+        metrics.prompt_tokens.inc(prompt_tokens)
+        rid = new_id("cmpl")
+        texts = [ChoiceText(False) for _ in inputs]
+        if req.stream:
+            include_usage = req.stream_options is not None and req.stream_options.include_usage
+            return _sse(completion_stream(gen, request, rid, texts, echo, prompt_tokens, include_usage, start))
+        async for i, ev in gen.events(request):
+            texts[i].push(ev)
+        fail(texts)
+        choices = [{"index": i, "text": echo[i] + t.text, "finish_reason": t.finish, "logprobs": None}
+                   for i, t in enumerate(texts)]
+        done(texts, "/v1/completions", start, gen)
+        return envelope("text_completion", rid, model_name, choices,
+                        usage=usage(prompt_tokens, sum(t.tokens for t in texts)))
+
+    async def completion_stream(gen, request, rid, texts, echo, prompt_tokens, include_usage, start):
+        def chunk(i, text, finish=None):
+            return envelope("text_completion", rid, model_name,
+                            [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}])
+
+        for i, prefix in enumerate(echo):
+            if prefix:
+                yield chunk(i, prefix)
+        async for i, ev in gen.events(request):
+            delta = texts[i].push(ev)
+            if ev.error is not None or ev.finish_reason == "cancelled":
+                yield {"error": RequestError(ev.error or "cancelled", status=500, kind="server_error").body()["error"]}
+            elif delta or ev.finish_reason:
+                yield chunk(i, delta, ev.finish_reason)
+        if include_usage:
+            yield envelope("text_completion", rid, model_name, [],
+                           usage=usage(prompt_tokens, sum(t.tokens for t in texts)))
+        done(texts, "/v1/completions", start, gen)
+
+    def fail(texts: list[ChoiceText]) -> None:
+        bad = next((t for t in texts if t.error is not None or t.finish in (None, "cancelled")), None)
+        if bad is not None:
+            raise RequestError(f"generation failed: {bad.error or 'cancelled'}", status=500, kind="server_error")
+
+    def done(texts: list[ChoiceText], endpoint: str, start: float, gen: Generation) -> None:
+        metrics.generation_tokens.inc(sum(t.tokens for t in texts))
+        metrics.latency.labels(endpoint).observe(time.monotonic() - start)
+        firsts = [s.first_token_at for s in gen.seqs if s.first_token_at is not None]
+        if firsts:
+            metrics.ttft.observe(min(firsts) - min(s.submitted for s in gen.seqs))
+
+    return app
+
+
+class _Gate:
+    """ASGI middleware (not BaseHTTPMiddleware, which gets in the way of cancelling a stream whose client left):
+    the API key on /v1 routes, and the request counter by endpoint and status."""
+
+    COUNTED = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health")
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key is not None else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, status = scope["path"], [500]
+        try:
+            if self.expected is not None and path.startswith("/v1"):
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not secrets.compare_digest(given, self.expected):
+                    e = RequestError("missing or wrong API key (send 'Authorization: Bearer KEY')", status=401,
+                                     code="invalid_api_key", kind="authentication_error")
+                    status[0] = 401
+                    return await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+
+            async def send_status(message):
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                await send(message)
+
+            await self.app(scope, receive, send_status)
+        finally:
+            if path in self.COUNTED:
+                self.metrics.requests.labels(path, str(status[0])).inc()
+
+
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    async def body():
+        async for obj in events:
+            yield f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def serve(llm: LLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          **app_options) -> None:
+    """Run the server until interrupted (uvicorn)."""
+    import uvicorn
+
+    uvicorn.run(create_app(llm, model_name, **app_options), host=host, port=port, log_level=log_level)
