@@ -47,8 +47,10 @@ class Generation:
 
         def sink(i: int):
             def on_event(ev: Event) -> None:  # called on the scheduler thread
-                if not loop.is_closed():
+                try:
                     loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+                except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+                    self.seqs[i].cancel()
             return on_event
 
         self.seqs = [Sequence(ids, p, sink(i), pixels) for i, ((ids, pixels), p) in enumerate(zip(inputs, params))]
@@ -225,9 +227,7 @@ def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
             return _sse(chat_stream(gen, request, rid, texts, len(ids), include_usage, start))
-        async for i, ev in gen.events(request):
-            texts[i].push(ev)
-        fail(texts)
+        await collect(gen, request, texts)
         choices = []
         for i, t in enumerate(texts):
             message, finish = t.message()
@@ -292,9 +292,7 @@ def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
             return _sse(completion_stream(gen, request, rid, texts, echo, prompt_tokens, include_usage, start))
-        async for i, ev in gen.events(request):
-            texts[i].push(ev)
-        fail(texts)
+        await collect(gen, request, texts)
         choices = [{"index": i, "text": echo[i] + t.text, "finish_reason": t.finish, "logprobs": None}
                    for i, t in enumerate(texts)]
         done(texts, "/v1/completions", start, gen)
@@ -320,7 +318,10 @@ def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None
                            usage=usage(prompt_tokens, sum(t.tokens for t in texts)))
         done(texts, "/v1/completions", start, gen)
 
-    def fail(texts: list[ChoiceText]) -> None:
+    async def collect(gen: Generation, request: Request, texts: list[ChoiceText]) -> None:
+        """Every choice's whole text (a non-streaming answer); 500 if one of them failed."""
+        async for i, ev in gen.events(request):
+            texts[i].push(ev)
         bad = next((t for t in texts if t.error is not None or t.finish in (None, "cancelled")), None)
         if bad is not None:
             raise RequestError(f"generation failed: {bad.error or 'cancelled'}", status=500, kind="server_error")
