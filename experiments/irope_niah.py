@@ -1,36 +1,33 @@
 """iRoPE length-generalisation study: does retrieval learnt at length L hold at 4L, 16L, 64L?
 
-Two tiny Llama 4-shaped models are trained at L = 256 tokens on the same rows, then scored with herd's
-needle-in-a-haystack harness (herd/eval/niah.py) at L, 4L, 16L and 64L:
+    python experiments/irope_niah.py                       # ~25 min on 2 CPU cores; resumes where it stopped
+    python experiments/irope_niah.py --steps 200 --lengths 128,512 --trials 4    # a quick look
 
-  (a) irope        chunked RoPE layers (chunk 64) + a global NoPE layer every 3rd layer, with inference-time
-                   temperature tuning of the NoPE queries (floor_scale 32, attn_scale 0.1), as in Llama 4
+Two tiny Llama 4-shaped models (herd's Transformer: MoE on every layer, 4 layers of width 64) are trained at
+L = 128 tokens on the same rows, then scored on needle-in-a-haystack prompts at L, 4L, 16L and 64L:
+
+  (a) irope        chunked RoPE layers (chunk 32) alternating with global NoPE layers, and inference-time
+                   temperature tuning of the NoPE queries as in Llama 4 (attn_scale 0.1, floor_scale = L, so the
+                   scale is exactly 1 at every position seen in training and grows like log(position) after)
   (b) rope-full    RoPE on every layer and full causal attention (a Llama 3-style decoder)
-  (c) irope-notemp model (a) evaluated with temperature tuning off
+  (c) irope-notemp model (a) evaluated with temperature tuning off: (a) and (c) differ only past L
 
-(During training at L the NoPE layers' scale already grows past floor_scale, as Scout's does during its
-256K-token training: (c) differs from (a) only at inference.)
+The task is symbolic, because a model this small trained for minutes on a CPU does not learn to retrieve
+7-digit numbers from English text (this study's first version tried that, with herd's text harness
+herd/eval/niah.py, and stayed at chance; see docs/irope_niah.md). A vocabulary of 512 tokens holds 16 keys,
+16 values, the 256 (key, value) fact tokens, markers and 216 filler tokens:
 
-Training rows are the evaluation task at length L: a window of the haystack text (Hamlet and The Tempest, shipped
-in herd/eval/haystack) with 1-2 planted "The special magic number for {key} is {value}." sentences under
-different keys, then a question and answer for each key (the first exactly as the evaluation asks). The loss
-covers every token, the answers' value tokens weighted 10x.
+  haystack  random filler tokens
+  needle    <needle> fact(key, value) <needle>            one token carries the fact: retrieval is one look-up
+  question  <query> key                                   the model must answer the value token
 
-Status (2026-11-25): not yet a working study. With these defaults the iRoPE model did not learn retrieval even at
-the training length: over 1800 steps (14 min) the weighted loss fell from 4.4 to 1.1 (the haystack text is
-memorised) while the answer's digit accuracy stayed at 20-25%, i.e. no induction/copy circuit formed. A probe
-with denser rows (6 facts "Verona 482." and 6 questions per 256-token row, constant lr 3e-3) did not learn
-either, with iRoPE (700 steps) or with RoPE + full attention (500 steps): answer digits 30-35%, chance level. So
-the obstacle is the training recipe, not iRoPE. Even plain copying is slow here: on rows of 64 random tokens
-(of 4000) repeated, RoPE + full attention in fp32 at lr 1e-3 brings the loss from ln(4000) = 8.3 to 6.0 in 950
-steps but copies only 1% of tokens exactly (no induction phase change yet). Next to try: a small random alphabet
-for a copying warm-up, a dense model, many more steps; then the comparison below.
+Training rows (L tokens) hold 8 needles under different keys and their 8 questions, each question somewhere
+after its needle (so distances range over the whole row); the loss is on the answers only. An evaluation
+prompt is filler of the given length with one needle at the given depth and its question at the end; a cell
+scores the share of exact answers over ``--trials`` prompts (different key, value and filler).
 
-    python experiments/irope_niah.py                     # resumes where it stopped
-    python experiments/irope_niah.py --steps 20 --lengths 256,512 --needles 1   # a quick look
-
-Writes runs/irope_niah/{variant}/ (model, niah.json, niah.png), and docs/irope_niah.md with the heatmaps copied
-to docs/irope_niah_{variant}.png.
+Writes runs/irope_niah/{variant}.pt (trained weights), experiments/results/irope_niah.json (every cell, kept in
+the repository), docs/irope_niah_{variant}.png heatmaps and the table of docs/irope_niah.md.
 """
 
 from __future__ import annotations
@@ -39,176 +36,190 @@ import argparse
 import json
 import math
 import random
-import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from herd import checkpoint
 from herd.config import preset
-from herd.eval.niah import (ANSWER, KEYS, NEEDLE, QUESTION, NiahConfig, PromptBuilder, engine_completer,
-                            haystack_ids, run_niah, save)
-from herd.infer.engine import Engine
+from herd.eval.niah import NiahConfig, NiahResult, heatmap
 from herd.model import Transformer
-from herd.tokenizer import Tokenizer
 from herd.train.losses import cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"irope": "iRoPE (Llama 4)", "rope-full": "RoPE on every layer, full attention",
             "irope-notemp": "iRoPE without temperature tuning"}
+TRAINED = {"irope": "irope", "rope-full": "rope-full", "irope-notemp": "irope"}  # whose weights each evaluates
+
+# the vocabulary
+BOS, NEEDLE, QUERY, N_KEYS = 0, 1, 2, 16
+FACT0 = 8  # fact(key, value) = FACT0 + N_KEYS * key + value
+KEY0 = FACT0 + N_KEYS * N_KEYS
+VALUE0 = KEY0 + N_KEYS
+FILLER = (VALUE0 + N_KEYS, 512)
 
 
-def config(variant: str, vocab: int, tok: Tokenizer, max_len: int):
-    base = preset("tiny").replace(
-        vocab_size=vocab, dim=128, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=32, n_experts=4, top_k=1,
-        expert_hidden_dim=256, dense_hidden_dim=512, attention_chunk_size=64, nope_layer_interval=3,
-        floor_scale=32, attn_scale=0.1, max_seq_len=max_len, bos_token_id=tok.bos_id,
-        eos_token_id=(tok.eos_id, tok.eom_id, tok.eot_id), pad_token_id=tok.pad_id)
+def config(variant: str, train_len: int):
+    cfg = preset("tiny").replace(
+        vocab_size=FILLER[1], dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, n_experts=4, top_k=1,
+        expert_hidden_dim=128, dense_hidden_dim=256, attention_chunk_size=32, nope_layer_interval=2,
+        floor_scale=train_len, attn_scale=0.1, max_seq_len=1 << 20, bos_token_id=BOS, eos_token_id=3,
+        pad_token_id=4, rope_scaling=None)
     if variant == "rope-full":
-        return base.replace(attention_chunk_size=None, rope_layers=(1,) * base.n_layers)
-    return base.replace(attn_temperature_tuning=variant != "irope-notemp")
+        return cfg.replace(attention_chunk_size=None, rope_layers=(1,) * cfg.n_layers)
+    return cfg.replace(attn_temperature_tuning=variant != "irope-notemp")
 
 
-def training_row(builder: PromptBuilder, tok: Tokenizer, length: int, rng: random.Random):
-    """One row of ``length`` + 1 tokens: haystack with 1-2 needles under different keys, then a question and
-    answer for each key (the first exactly as the evaluation asks it); and per-token loss weights (the answers'
-    value tokens 10x)."""
-    keys = rng.sample(KEYS, rng.randint(1, 2))
-    values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in keys]
-    needles = [tok.encode(" " + NEEDLE.format(key=k, value=v) + "\n") for k, v in zip(keys, values)]
-    # answers: the prompt ends at "... is", the value comes as a separate piece, as the model generates it
-    answers = [tok.encode(" " + v + ".") for v in values]
-    more = [tok.encode("\n\nQuestion: " + QUESTION.format(key=k) + "\nAnswer: " + ANSWER.format(key=k))
-            for k in keys[1:]]
-    n = length + 1 - sum(len(x) for x in needles[1:] + answers + more)
-    ids = builder.build(n, rng.random(), keys[0], values[0], rng.randrange(len(builder.hay)))
-    head, tail = builder.frame(keys[0])
-    asked = next(i for i in range(len(ids)) if ids[i:i + len(needles[0])] == needles[0])
-    for needle in needles[1:]:  # the other needles anywhere in the haystack, never inside the first one
-        spots = [i for i in range(len(head), len(ids) - len(tail) + 1) if not asked < i < asked + len(needles[0])]
-        at = rng.choice(spots)
-        ids = ids[:at] + needle + ids[at:]
-        asked += len(needle) if at <= asked else 0
-    value_at = []
-    for q, answer in zip([[]] + more, answers):
-        ids += q
-        value_at += range(len(ids), len(ids) + len(answer) - 1)  # the value's tokens, not the final "."
-        ids += answer
-    weights = [1.0] * (len(ids) - 1)
-    for i in value_at:
-        weights[i - 1] = 10.0  # weights[t] belongs to the prediction of ids[t + 1]
-    return ids, weights
+def training_batch(batch: int, length: int, needles: int, rng: random.Random):
+    """[B, L] inputs, targets and the answer mask: 8 needles and their questions laid on 3-token slots in
+    random order, each question after its needle."""
+    g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    x = torch.randint(*FILLER, (batch, length + 1), generator=g)
+    mask = torch.zeros(batch, length + 1)
+    x[:, 0] = BOS
+    n_slots = (length - 1) // 3
+    for b in range(batch):
+        keys = rng.sample(range(N_KEYS), needles)
+        values = [rng.randrange(N_KEYS) for _ in keys]
+        slots = sorted(rng.sample(range(n_slots), 2 * needles))
+        todo, waiting = list(range(needles)), []
+        for j, s in enumerate(slots):
+            p = 1 + 3 * s
+            must_ask = len(slots) - j <= len(waiting)
+            if todo and not must_ask and (not waiting or rng.random() < 0.5):
+                i = todo.pop()
+                waiting.append(i)
+                x[b, p:p + 3] = torch.tensor([NEEDLE, FACT0 + N_KEYS * keys[i] + values[i], NEEDLE])
+            else:
+                i = waiting.pop(rng.randrange(len(waiting)))
+                x[b, p:p + 3] = torch.tensor([QUERY, KEY0 + keys[i], VALUE0 + values[i]])
+                mask[b, p + 2] = 1
+    return x[:, :-1], x[:, 1:], mask[:, 1:]
 
 
-def train(variant: str, out: Path, args, tok: Tokenizer, builder: PromptBuilder) -> Path:
-    model_dir = out / "model"
-    if (model_dir / "config.json").is_file():
-        return model_dir
-    torch.manual_seed(0)
-    rng = random.Random(0)
-    cfg = config(variant, tok.vocab_size, tok, max(args.lengths) + 64)
-    model = Transformer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    warmup = max(1, args.steps // 20)
-    start, log = time.time(), []
-    for step in range(args.steps):
-        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        rows = [training_row(builder, tok, args.train_len, rng) for _ in range(args.batch)]
-        ids = torch.tensor([r[0] for r in rows])
-        w = torch.tensor([r[1] for r in rows])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(ids[:, :-1])
-        loss, _ = cross_entropy(logits, ids[:, 1:], w)
+def train(variant: str, a: argparse.Namespace, out: Path) -> Path:
+    path = out / f"{variant}.pt"
+    if path.is_file():
+        return path
+    torch.manual_seed(a.seed)
+    model = Transformer(config(variant, a.length))
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    rng, start, log = random.Random(a.seed), time.time(), []
+    for step in range(a.steps):
+        warm, cos = min(1.0, (step + 1) / 100), 0.5 * (1 + math.cos(math.pi * step / a.steps))
+        for group in opt.param_groups:
+            group["lr"] = a.lr * warm * (0.1 + 0.9 * cos)
+        x, y, m = training_batch(a.batch, a.length, 8, rng)
+        logits = model(x)
+        loss, _ = cross_entropy(logits, y, m)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if (step + 1) % 50 == 0 or step + 1 == args.steps:
-            answer = w > 1  # how often the next value digit is the argmax: retrieval at the training length
-            digits = float((logits.detach().argmax(-1) == ids[:, 1:])[answer].float().mean())
-            log.append({"step": step + 1, "loss": loss.item(), "answer_digit_acc": digits,
-                        "s": round(time.time() - start, 1)})
-            print(f"  {variant} step {step + 1}/{args.steps}: weighted loss {loss.item():.3f}, answer digits "
-                  f"{digits:.0%} ({time.time() - start:.0f}s)", flush=True)
-    checkpoint.save(model, model_dir)
-    for f in (ROOT / "models" / "herd-pico").glob("tokenizer*"):
-        shutil.copy2(f, model_dir / f.name)
-    (out / "train_log.json").write_text(json.dumps(log))
-    return model_dir
+        if step % 100 == 0 or step == a.steps - 1:
+            acc = (((logits.argmax(-1) == y).float() * m).sum() / m.sum()).item()
+            log.append({"step": step, "loss": loss.item(), "answer_accuracy": acc})
+            print(f"[{variant} {step}/{a.steps} {time.time() - start:.0f}s] loss {loss.item():.3f} "
+                  f"answers {acc:.0%}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "log": log, "seconds": time.time() - start}, tmp)
+    tmp.replace(path)  # a half-written file never looks finished
+    return path
 
 
-def evaluate(variant: str, model_dir: Path, out: Path, args, tok: Tokenizer) -> dict:
-    if (out / "niah.json").is_file():
-        return json.loads((out / "niah.json").read_text())
-    model = checkpoint.load(model_dir, dtype=torch.float32)
-    if variant == "irope-notemp":
-        model = Transformer(replace(model.cfg, attn_temperature_tuning=False)).eval()
-        model.load_state_dict(checkpoint.load(model_dir, dtype=torch.float32).state_dict())
-    cfg = NiahConfig(lengths=args.lengths, depths=args.depths, needles=args.needles, seed=1)
-    result = run_niah(engine_completer(Engine(model, tok, prefill_chunk=1024), cfg.max_new_tokens, batch=4), tok,
-                      cfg, model=variant)
-    save(result, out, title=f"{VARIANTS[variant]}: {result.accuracy:.0%} (trained at {args.train_len})")
-    return result.to_dict()
+@torch.inference_mode()
+def evaluate(variant: str, weights: Path, a: argparse.Namespace, lengths: list[int], depths: list[float]) -> dict:
+    model = Transformer(config(variant, a.length)).eval()
+    model.load_state_dict(torch.load(weights)["model"])
+    rng, cells, start = random.Random(1000 + a.seed), [], time.time()
+    for length in lengths:
+        for depth in depths:
+            hits = 0
+            for first in range(0, a.trials, a.eval_batch):
+                n = min(a.eval_batch, a.trials - first)
+                g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+                x = torch.randint(*FILLER, (n, length), generator=g)
+                x[:, 0] = BOS
+                answers = []
+                for b in range(n):
+                    key, value = rng.randrange(N_KEYS), rng.randrange(N_KEYS)
+                    p = 1 + round(depth * (length - 6))  # the needle's first token; the question takes the end
+                    x[b, p:p + 3] = torch.tensor([NEEDLE, FACT0 + N_KEYS * key + value, NEEDLE])
+                    x[b, -2:] = torch.tensor([QUERY, KEY0 + key])
+                    answers.append(VALUE0 + value)
+                pred = model(x, last_only=True)[:, -1].argmax(-1)
+                hits += int((pred == torch.tensor(answers)).sum())
+            cells.append({"length": length, "depth": depth, "retrieved": hits, "total": a.trials,
+                          "accuracy": hits / a.trials})
+        row = [c["accuracy"] for c in cells if c["length"] == length]
+        print(f"[{variant} eval {time.time() - start:.0f}s] length {length}: {sum(row) / len(row):.0%}", flush=True)
+    return {"cells": cells, "accuracy": sum(c["retrieved"] for c in cells) / sum(c["total"] for c in cells),
+            "seconds": time.time() - start}
 
 
-def write_doc(results: dict[str, dict], args, minutes: float) -> None:
+def write_docs(results: dict, a: argparse.Namespace, lengths: list[int], depths: list[float]) -> None:
     docs = ROOT / "docs"
-    lines = ["# iRoPE length generalisation (needle in a haystack)", "",
-             f"`python experiments/irope_niah.py --steps {args.steps}` ({time.strftime('%Y-%m-%d')}, "
-             f"{minutes:.0f} min). Trained at {args.train_len} tokens; evaluated at "
-             f"{', '.join(str(n) for n in args.lengths)} tokens x depths "
-             f"{', '.join(f'{d:.0%}' for d in args.depths)}, {args.needles} needles per cell.", "",
-             "| variant | " + " | ".join(f"{n} ({n // args.train_len}L)" for n in args.lengths) + " | all |",
-             "|---|" + "---|" * (len(args.lengths) + 1)]
+    lines = ["| variant | " + " | ".join(f"{L // a.length}L = {L}" for L in lengths) + " | all |",
+             "|---|" + "---|" * (len(lengths) + 1)]
     for variant, r in results.items():
-        by_len = {}
-        for c in r["cells"]:
-            by_len.setdefault(c["length"], []).append(c["accuracy"])
-        lines.append(f"| {VARIANTS[variant]} | " + " | ".join(f"{sum(by_len[n]) / len(by_len[n]):.0%}"
-                                                               for n in args.lengths) + f" | {r['accuracy']:.0%} |")
-    lines.append("")
-    for variant in results:
-        src = ROOT / "runs" / "irope_niah" / variant / "niah.png"
-        if src.is_file():
-            shutil.copy2(src, docs / f"irope_niah_{variant}.png")
-            lines += [f"![{VARIANTS[variant]}](irope_niah_{variant}.png)", ""]
-    path = docs / "irope_niah.md"
-    reading = ""
-    if path.is_file() and "## Reading" in path.read_text():
-        reading = path.read_text()[path.read_text().index("## Reading"):]
-    path.write_text("\n".join(lines) + ("\n" + reading if reading else ""))
+        by_len = [sum(c["retrieved"] for c in r["cells"] if c["length"] == L) /
+                  sum(c["total"] for c in r["cells"] if c["length"] == L) for L in lengths]
+        lines.append(f"| ({'abc'[list(VARIANTS).index(variant)]}) {VARIANTS[variant]} | "
+                     + " | ".join(f"{x:.0%}" for x in by_len) + f" | {r['accuracy']:.0%} |")
+        res = NiahResult(NiahConfig(lengths=lengths, depths=depths, needles=a.trials), r["cells"], r["accuracy"],
+                         r["seconds"], model=variant)
+        heatmap(res, docs / f"irope_niah_{variant}.png",
+                title=f"{VARIANTS[variant]}: trained at {a.length}, {r['accuracy']:.0%} retrieved")
+    doc = docs / "irope_niah.md"
+    old = doc.read_text() if doc.is_file() else ""
+    reading = old[old.index("## Reading"):] if "## Reading" in old else ""
+    images = "\n".join(f"![{VARIANTS[v]}](irope_niah_{v}.png)" for v in results)
+    doc.write_text(
+        f"# iRoPE length generalisation (needle in a haystack)\n\n"
+        f"`python experiments/irope_niah.py --length {a.length} --steps {a.steps} --trials {a.trials}` "
+        f"({time.strftime('%Y-%m-%d')}): tiny Llama 4-shaped models trained at L = {a.length} tokens, "
+        f"needle-in-a-haystack accuracy at each length (mean over {len(depths)} depths x {a.trials} prompts; "
+        f"chance is {1 / N_KEYS:.0%}). The task and the variants: the docstring of `experiments/irope_niah.py`.\n\n"
+        + "\n".join(lines) + f"\n\n{images}\n" + (f"\n{reading}" if reading else ""))
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--length", type=int, default=128, help="training length L")
+    p.add_argument("--lengths", default=None, help="evaluation lengths (default: L, 4L, 16L, 64L)")
+    p.add_argument("--depths", default="0,0.1,0.25,0.5,0.75,0.9,1")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--train-len", type=int, default=256)
-    p.add_argument("--lengths", default="256,1024,4096,16384")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    p.add_argument("--needles", type=int, default=4)
+    p.add_argument("--trials", type=int, default=16, help="prompts per (length, depth) cell")
+    p.add_argument("--eval-batch", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "irope_niah")
-    args = p.parse_args()
-    args.lengths = [int(x) for x in args.lengths.split(",")]
-    args.depths = [float(x) for x in args.depths.split(",")]
-    tok = Tokenizer.for_model(ROOT / "models" / "herd-pico")
-    builder = PromptBuilder(tok, haystack_ids(tok))
-    start = time.time()
+    p.add_argument("--results", type=Path, default=ROOT / "experiments" / "results" / "irope_niah.json")
+    a = p.parse_args()
+    lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else [a.length * k for k in (1, 4, 16, 64)]
+    depths = [float(x) for x in a.depths.split(",")]
+    setting = {k: getattr(a, k) for k in ("length", "steps", "batch", "lr", "trials", "seed")}
+    saved = json.loads(a.results.read_text()) if a.results.is_file() else {}
     results = {}
-    for variant in ("irope", "rope-full", "irope-notemp"):
-        out = args.out / variant
-        out.mkdir(parents=True, exist_ok=True)
-        trained = "irope" if variant == "irope-notemp" else variant
-        model_dir = train(trained, args.out / trained, args, tok, builder)
-        results[variant] = evaluate(variant, model_dir, out, args, tok)
-        print(f"{variant}: accuracy {results[variant]['accuracy']:.1%}", flush=True)
-    write_doc(results, args, (time.time() - start) / 60)
-    print((ROOT / "docs" / "irope_niah.md").read_text())
+    for variant in a.variants.split(","):
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        old = saved.get(variant)
+        if old and old["setting"] == setting and old["lengths"] == lengths and old["depths"] == depths:
+            results[variant] = old
+            continue
+        weights = train(TRAINED[variant], a, a.out)
+        trained = torch.load(weights)
+        results[variant] = {"setting": setting, "lengths": lengths, "depths": depths,
+                            "train_log": trained["log"], "train_seconds": trained["seconds"],
+                            **evaluate(variant, weights, a, lengths, depths)}
+        saved[variant] = results[variant]
+        a.results.parent.mkdir(parents=True, exist_ok=True)
+        a.results.write_text(json.dumps(saved, indent=1) + "\n")
+    write_docs(results, a, lengths, depths)
 
 
 if __name__ == "__main__":
