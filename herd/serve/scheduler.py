@@ -28,7 +28,7 @@ import torch
 
 from herd.infer.cache import KVCache
 from herd.infer.engine import Engine, Row
-from herd.infer.sampling import SamplingParams, filter_logits
+from herd.infer.sampling import SamplingParams, sample
 
 log = logging.getLogger("herd.serve")
 
@@ -240,8 +240,7 @@ class Scheduler:
         out = logits_BV.argmax(-1).tolist()
         for b, seq in enumerate(seqs):
             if not seq.params.greedy:
-                probs = filter_logits(logits_BV[b:b + 1], seq.params).softmax(-1)
-                out[b] = torch.multinomial(probs, 1, generator=seq.generator).item()
+                out[b] = sample(logits_BV[b:b + 1], seq.params, generator=seq.generator).item()
         return out
 
     def _push(self, seq: Sequence, token: int) -> bool:
