@@ -160,19 +160,23 @@ def figures(results: list[dict], coords: dict, widths: list[int], docs: Path) ->
     fig.tight_layout()
     fig.savefig(docs / "metap_coords.png")
     plt.close(fig)
-    lines = ["| width | SP best log2 lr (grid / fit) | SP best loss | MetaP best log2 lr (grid / fit) | "
-             "MetaP best loss |", "|---|---|---|---|---|"]
+    whole = {k: whole_curve_argmin(mean_curve([r for r in results if (r["param"], r["width"]) == k]))
+             for k in fitted}
+    lines = ["| width | SP best log2 lr (grid / local fit / curve fit) | SP best loss | MetaP best log2 lr (grid / "
+             "local fit / curve fit) | MetaP best loss |", "|---|---|---|---|---|"]
     for w in widths:
         s, m = best.get(("sp", w)), best.get(("metap", w))
-        lines.append(f"| {w} | {s[0]:g} / {fitted[('sp', w)]:.2f} | {s[1]:.3f} | {m[0]:g} / {fitted[('metap', w)]:.2f} | "
-                     f"{m[1]:.3f} |" if s and m else f"| {w} | - | - | - | - |")
+        lines.append(f"| {w} | {s[0]:g} / {fitted[('sp', w)]:.2f} / {whole[('sp', w)]:.2f} | {s[1]:.3f} | {m[0]:g} / "
+                     f"{fitted[('metap', w)]:.2f} / {whole[('metap', w)]:.2f} | {m[1]:.3f} |" if s and m
+                     else f"| {w} | - | - | - | - |")
     lines.append("")
     for param in ("sp", "metap"):
-        grid = [best[(param, w)][0] for w in widths if (param, w) in best]
-        fit = [fitted[(param, w)] for w in widths if (param, w) in fitted]
-        if grid:
-            lines.append(f"- {param}: the best learning rate moves by {2 ** (max(grid) - min(grid)):.1f}x across "
-                         f"widths on the grid, {2 ** (max(fit) - min(fit)):.1f}x by the fitted minimum")
+        moves = [[d[(param, w)] if d is not best else d[(param, w)][0] for w in widths if (param, w) in d]
+                 for d in (best, fitted, whole)]
+        if moves[0]:
+            grid, fit, curve = (2 ** (max(x) - min(x)) for x in moves)
+            lines.append(f"- {param}: the best learning rate moves by {grid:.1f}x across widths on the grid, "
+                         f"{fit:.1f}x by the local fit, {curve:.1f}x by the whole-curve fit")
     return "\n".join(lines)
 
 
@@ -197,6 +201,20 @@ def fitted_argmin(curve: dict[float, float]) -> float:
         if a > 0:
             return float(min(max(-b / (2 * a), pts[0]), pts[-1]))
     return xs[i]
+
+
+def whole_curve_argmin(curve: dict[float, float]) -> float:
+    """The vertex of one parabola fitted to every point of the curve (log2 lr -> mean loss): it uses the walls
+    on both sides, so in a flat basin it follows the curve's shape rather than the noisiest point. Falls back
+    to the grid argmin when the fit does not open upwards or its vertex leaves the grid."""
+    import numpy as np
+
+    xs = list(curve)
+    if len(xs) >= 3:
+        a, b, _ = np.polyfit(xs, [curve[x] for x in xs], 2)
+        if a > 0 and xs[0] <= -b / (2 * a) <= xs[-1]:
+            return float(-b / (2 * a))
+    return min(curve, key=curve.get)
 
 
 def main() -> None:
