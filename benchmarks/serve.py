@@ -2,49 +2,71 @@
 
     python benchmarks/serve.py [--configs medium] [--dtype bf16] [--concurrency 1,8,32] [--new-tokens 32] [--write]
 
-For each config (benchmarks/configs.py, random weights) the script starts the real server (uvicorn on loopback,
-in this process) and drives it with the official openai client from threads:
+For each config (benchmarks/configs.py, random weights) the script starts `herd serve` in its own process on
+loopback and drives it with the official openai client from threads:
 - the anchor: the same kind of request sent one after another (``--sequential`` requests), each one alone in the
   batch;
 - then ``c`` clients at once for each concurrency c, each streaming one completion of ``--new-tokens`` tokens
   after a 32-token prompt (no stop token: every request generates exactly that many).
 It reports requests/s, generated tokens/s, the ratio of tokens/s to the sequential anchor, the mean time to first
-token, and the largest decode batch the scheduler ran.
+token, and the mean decode batch (decode tokens / decode steps, from the server's /metrics).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import socket
+import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import configs  # noqa: E402
 from report import append_results, describe  # noqa: E402
 
-import herd  # noqa: E402
-
 NAME = "bench"
 
 
-def start_server(llm, max_batch: int):
-    import uvicorn
+@contextmanager
+def server(model_dir: Path, dtype: str, max_batch: int):
+    """`herd serve` in its own process (its GIL is not shared with the client threads); yields the base URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", str(model_dir), "--dtype", dtype,
+                             "--port", str(port), "--max-batch", str(max_batch), "--max-model-len", "1024",
+                             "--model-name", NAME, "--log-level", "warning"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"herd serve exited with {proc.returncode}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
-    from herd.serve.app import create_app
 
-    app = create_app(llm, NAME, max_batch=max_batch, max_len=1024)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, thread, app, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+def counters(url: str) -> tuple[float, float]:
+    """(decode steps, generated tokens) so far, from /metrics."""
+    found = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("herd_decode_steps", "herd_generation_tokens_total"):
+            found[name] = float(value)
+    return found["herd_decode_steps"], found["herd_generation_tokens_total"]
 
 
 def one_request(url: str, k: int, new_tokens: int, vocab: int) -> tuple[float, float, int]:
@@ -78,27 +100,26 @@ def run_level(url: str, clients: int, total: int, new_tokens: int, offset: int, 
 
 
 def bench_config(name: str, dtype: str, levels: list[int], new_tokens: int, sequential: int) -> list[dict]:
-    llm = herd.load(configs.make_model_dir(name, dtype), dtype=dtype)
-    server, thread, app, url = start_server(llm, max_batch=max(levels))
-    sched, vocab = app.state.scheduler, llm.config.vocab_size
-    try:
-        one_request(url, 0, 4, vocab)  # warm-up
+    model_dir = configs.make_model_dir(name, dtype)
+    vocab = configs.CONFIGS[name].vocab_size
+    with server(model_dir, dtype, max(levels)) as url:
+        one_request(url + "/v1", 0, 4, vocab)  # warm-up
         rows = []
-        anchor = run_level(url, 1, sequential, new_tokens, 1000, vocab)
-        rows.append({"level": "sequential", **anchor, "max_batch": 1})
-        print(f"{name} {dtype} sequential: {anchor['tok_s']:.1f} tok/s", flush=True)
-        for c in levels:
-            sched.stats.max_running = 0
-            r = run_level(url, c, c, new_tokens, 2000 + 100 * c, vocab)
-            rows.append({"level": c, **r, "max_batch": sched.stats.max_running})
-            print(f"{name} {dtype} {c} clients: {r['tok_s']:.1f} tok/s ({r['tok_s'] / anchor['tok_s']:.2f}x)",
+        for level in ["sequential", *levels]:
+            steps, tokens = counters(url)
+            if level == "sequential":
+                r = run_level(url + "/v1", 1, sequential, new_tokens, 1000, vocab)
+            else:
+                r = run_level(url + "/v1", level, level, new_tokens, 2000 + 100 * level, vocab)
+            steps2, tokens2 = counters(url)
+            # every request's first token comes from its prefill, the others from decode steps
+            r["mean_batch"] = (tokens2 - tokens - r["requests"]) / max(steps2 - steps, 1)
+            rows.append({"level": level, **r})
+            print(f"{name} {dtype} {level}: {r['tok_s']:.1f} tok/s, mean decode batch {r['mean_batch']:.1f}",
                   flush=True)
         for r in rows:
-            r["vs_sequential"] = r["tok_s"] / anchor["tok_s"]
+            r["vs_sequential"] = r["tok_s"] / rows[0]["tok_s"]
         return rows
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
 
 
 def main() -> None:
@@ -112,11 +133,11 @@ def main() -> None:
     a = p.parse_args()
     levels = [int(c) for c in a.concurrency.split(",")]
     lines = ["| config | clients | requests | wall s | requests/s | tokens/s | vs sequential | mean TTFT s | "
-             "largest decode batch |", "|---|---|---|---|---|---|---|---|---|"]
+             "mean decode batch |", "|---|---|---|---|---|---|---|---|---|"]
     for name in a.configs.split(","):
         for r in bench_config(name, a.dtype, levels, a.new_tokens, a.sequential):
             lines.append(f"| {name} | {r['level']} | {r['requests']} | {r['wall_s']:.1f} | {r['req_s']:.2f} | "
-                         f"{r['tok_s']:.1f} | {r['vs_sequential']:.2f}x | {r['ttft_s']:.2f} | {r['max_batch']} |")
+                         f"{r['tok_s']:.1f} | {r['vs_sequential']:.2f}x | {r['ttft_s']:.2f} | {r['mean_batch']:.1f} |")
     table = "\n".join(lines)
     print(table)
     if a.write:
@@ -124,8 +145,8 @@ def main() -> None:
             f"### Serving (`herd serve`, {a.dtype}, {a.new_tokens} new tokens per request) — "
             f"{datetime.date.today()} — {describe()}\n\n"
             f"Command: `python benchmarks/serve.py --configs {a.configs} --dtype {a.dtype} --concurrency "
-            f"{a.concurrency} --new-tokens {a.new_tokens} --write`. torch {torch.__version__}. The server and its "
-            f"clients (openai, streaming, one thread each) share the machine. \"sequential\" sends "
+            f"{a.concurrency} --new-tokens {a.new_tokens} --write`. torch {torch.__version__}. The server (its own "
+            f"process) and its clients (openai, streaming, one thread each) share the machine. \"sequential\" sends "
             f"{a.sequential} requests one after another (the anchor); each concurrency level sends that many "
             f"requests at once, with --max-batch {max(levels)}.\n\n{table}\n")
 

@@ -134,7 +134,8 @@ class KVCache:
 
 def _write(k_buf: torch.Tensor, v_buf: torch.Tensor, slots_BT: torch.Tensor, k: torch.Tensor,
            v: torch.Tensor) -> None:
-    """k_buf[b, :, slots[b, t]] = k[b, :, t] (and v)."""
-    idx = slots_BT[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-    k_buf.scatter_(2, idx, k)
-    v_buf.scatter_(2, idx, v)
+    """k_buf[b, :, slots[b, t]] = k[b, :, t] (and v). An index_put_ costs what it writes; scatter_ with an
+    expanded index copied the whole buffer on CPU (a decode step over a 1024-slot cache took 3x one over 256)."""
+    rows = torch.arange(slots_BT.shape[0], device=slots_BT.device)[:, None]
+    k_buf[rows, :, slots_BT] = k.transpose(1, 2)  # the indexed dims lead: [B, T, KV, hd]
+    v_buf[rows, :, slots_BT] = v.transpose(1, 2)
