@@ -205,7 +205,7 @@ def test_tool_calls_come_back_as_openai_tool_calls(pico):
     messages = [{"role": "user", "content": "Weather in Verona?"}]
     from herd.chat import with_tools
 
-    prompt = pico.chat_ids(with_tools(messages, [t for t in tools]))
+    prompt = pico.chat_ids(with_tools(messages, tools))
     call = '{"name": "get_weather", "parameters": {"city": "Verona"}}'
     script = pico.tokenizer.encode(call) + [pico.tokenizer.eot_id]
     llm = herd.api.LLM(Scripted(pico.model, script, len(prompt)), pico.tokenizer)

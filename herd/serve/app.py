@@ -225,8 +225,7 @@ def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None
         rid = new_id("chatcmpl")
         texts = [ChoiceText(tools is not None) for _ in range(req.n)]
         if req.stream:
-            include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return _sse(chat_stream(gen, request, rid, texts, len(ids), include_usage, start))
+            return _sse(chat_stream(gen, request, rid, texts, len(ids), req.include_usage, start))
         await collect(gen, request, texts)
         choices = []
         for i, t in enumerate(texts):
@@ -251,7 +250,7 @@ def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None
             if ev.finish_reason is None:
                 continue
             if ev.error is not None or ev.finish_reason == "cancelled":
-                yield {"error": RequestError(ev.error or "cancelled", status=500, kind="server_error").body()["error"]}
+                yield _stream_error(ev)
                 continue
             message, finish = t.message()
             if message.get("tool_calls"):
@@ -290,8 +289,7 @@ def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None
         rid = new_id("cmpl")
         texts = [ChoiceText(False) for _ in inputs]
         if req.stream:
-            include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return _sse(completion_stream(gen, request, rid, texts, echo, prompt_tokens, include_usage, start))
+            return _sse(completion_stream(gen, request, rid, texts, echo, prompt_tokens, req.include_usage, start))
         await collect(gen, request, texts)
         choices = [{"index": i, "text": echo[i] + t.text, "finish_reason": t.finish, "logprobs": None}
                    for i, t in enumerate(texts)]
@@ -310,7 +308,7 @@ def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None
         async for i, ev in gen.events(request):
             delta = texts[i].push(ev)
             if ev.error is not None or ev.finish_reason == "cancelled":
-                yield {"error": RequestError(ev.error or "cancelled", status=500, kind="server_error").body()["error"]}
+                yield _stream_error(ev)
             elif delta or ev.finish_reason:
                 yield chunk(i, delta, ev.finish_reason)
         if include_usage:
@@ -368,6 +366,11 @@ class _Gate:
         finally:
             if path in self.COUNTED:
                 self.metrics.requests.labels(path, str(status[0])).inc()
+
+
+def _stream_error(ev: Event) -> dict:
+    """The SSE event of a choice that failed mid-stream (the status line was sent long before)."""
+    return RequestError(ev.error or "cancelled", status=500, kind="server_error").body()
 
 
 def _sse(events: AsyncIterator[dict]) -> StreamingResponse:

@@ -115,6 +115,10 @@ class _Sampling(BaseModel):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
 
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
     def refuse_unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
