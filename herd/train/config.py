@@ -86,6 +86,7 @@ class TrainSpec:
     dtype: str = "fp32"  # "fp32" or "bf16" (autocast; weights and optimizer stay fp32)
     activation_checkpointing: bool = False
     fp8: str | None = None  # "tensorwise" or "rowwise": FP8 matmuls (torchao on CUDA, emulated elsewhere)
+    fp8_backend: str = "auto"  # "auto" (torchao on CUDA if installed), "torchao" (also on CPU) or "emulate"
     z_loss: float = 0.0
     aux_loss_coef: float | None = None  # None: the model config's router_aux_loss_coef; 0 = off
     seed: int = 0
@@ -123,6 +124,8 @@ class RunConfig:
             raise ConfigError(f"optim.schedule={self.optim.schedule!r}: choose cosine, wsd or constant")
         if self.train.fp8 not in (None, "tensorwise", "rowwise"):
             raise ConfigError(f"train.fp8={self.train.fp8!r}: choose tensorwise or rowwise (or leave it out)")
+        if self.train.fp8_backend not in ("auto", "torchao", "emulate"):
+            raise ConfigError(f"train.fp8_backend={self.train.fp8_backend!r}: choose auto, torchao or emulate")
         if self.train.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"train.dtype={self.train.dtype!r}: choose fp32 or bf16")
         for name in ("steps", "grad_accum", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "ep"):

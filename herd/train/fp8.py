@@ -1,128 +1,210 @@
-"""FP8 training as a transform applied from outside the model: ``apply_fp8(model, recipe)``.
+"""FP8 training as a transform applied from outside the model: ``apply_fp8(model, recipe, backend)``.
 
-Numerics follow torchao's float8 training: the inputs and weights of each matmul are scaled to their amax and
-cast to float8 e4m3 in the forward; the output gradient is scaled and cast to e5m2 before the two backward
-matmuls (grad_input = g8 @ w8, grad_weight = g8.T @ x8). Scaling is ``tensorwise`` (one scale per tensor) or
-``rowwise`` (one per row along the contracted dim: per token for inputs and output gradients, per output
-channel for weights). Each routed expert's weight is its own tensor (one scale per expert, tensorwise).
+Numerics are torchao's float8 training recipes, matmul by matmul. For ``y = x @ w.T`` (x [T, K], w [N, K]) the
+forward casts x and w to e4m3; the backward casts the output gradient g and computes ``grad_x = g8 @ w8`` and
+``grad_w = g8.T @ x8``. Each operand of each of the three matmuls is scaled along that matmul's contracted dim:
 
-* On CUDA with torchao installed, the attention / FFN / shared-expert linears become torchao ``Float8Linear``
-  (real FP8 matmuls on Hopper), and the routed experts use the emulation below (torchao's grouped-expert FP8 is a
-  prototype API).
-* Elsewhere (CPU, tests) every targeted matmul is *emulated*: quantise-dequantise to FP8 and multiply in the
-  original precision, which reproduces FP8's rounding of the operands (not its accumulation).
+* ``tensorwise``: one scale per tensor (amax / 448 for e4m3), gradients in e5m2;
+* ``rowwise``: one scale per row of the contracted dim (x per token and w per output channel in the forward, w per
+  input channel for grad_x, g and x per column for grad_w), gradients in e4m3, scales rounded down to powers of 2.
 
-Kept in high precision, as torchao and Meta do: the embedding, the LM head, the router, norms, and any linear
-whose dims are not multiples of 16 (FP8 kernels need them).
+Routed experts are grouped matmuls, cast the way torchao's MoE training casts them (rowwise: each expert's weight
+per output channel, grad_w scaled per expert's group of tokens); ``tensorwise`` there means one scale per
+activation tensor and one per expert's weight matrix.
+
+Backends:
+
+* ``torchao``: the attention / FFN / shared-expert linears become torchao ``Float8Linear``, which calls
+  ``torch._scaled_mm`` (FP8 tensor cores on Hopper; a reference kernel on CPU, so the path is tested here);
+* ``emulate``: every targeted matmul quantises and dequantises its operands with the scales above and multiplies in
+  fp32, as the FP8 kernels accumulate. It matches the torchao backend up to summation order (tests/test_fp8.py);
+* ``auto`` (the default): torchao on CUDA when it is installed, the emulation elsewhere.
+
+Routed experts always use the emulation: torchao's FP8 grouped matmul is a Triton-only prototype.
+Kept in high precision, as torchao and Meta do: the embedding, the LM head, the router, norms, the vision tower,
+and any linear whose dims are not multiples of 16 (FP8 kernels need them).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from herd.model.moe import Experts, grouped_mm
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 RECIPES = ("tensorwise", "rowwise")
+BACKENDS = ("auto", "torchao", "emulate")
 
 
-def quantize_dequantize(t: torch.Tensor, dtype: torch.dtype, dims: tuple[int, ...] | None) -> torch.Tensor:
-    """t rounded through ``dtype`` with an amax scale over ``dims`` (None: the whole tensor; (-1,): per row)."""
+@dataclass(frozen=True)
+class Fp8Recipe:
+    """torchao's Float8LinearConfig.from_recipe_name(name), as far as the numerics go."""
+    name: str
+    rowwise: bool
+    grad_dtype: torch.dtype
+    pow2_scales: bool
+
+    @classmethod
+    def of(cls, name: str) -> Fp8Recipe:
+        if name not in RECIPES:
+            raise ValueError(f"fp8 recipe {name!r}: choose one of {', '.join(RECIPES)}")
+        rowwise = name == "rowwise"
+        return cls(name, rowwise, E4M3 if rowwise else E5M2, rowwise)
+
+    def dim(self, d: int | tuple[int, ...]) -> int | tuple[int, ...] | None:
+        """The amax reduction dim for an operand contracted along ``d``; None (whole tensor) when tensorwise."""
+        return d if self.rowwise else None
+
+
+def quantize_dequantize(t: torch.Tensor, dtype: torch.dtype, dim: int | tuple[int, ...] | None = None,
+                        pow2: bool = False) -> torch.Tensor:
+    """t (as fp32) rounded through ``dtype``, scaled so that the amax over ``dim`` (None: the whole tensor) maps to
+    the format's max; torchao's arithmetic: the scale computed in fp64, then fp32, optionally rounded down to a
+    power of 2; saturating cast."""
     tf = t.float()
-    amax = tf.abs().amax() if dims is None else tf.abs().amax(dim=dims, keepdim=True)
-    scale = torch.finfo(dtype).max / amax.clamp(min=1e-12)
-    return ((tf * scale).to(dtype).float() / scale).to(t.dtype)
+    amax = tf.abs().amax() if dim is None else tf.abs().amax(dim=dim, keepdim=True)
+    fmax = torch.finfo(dtype).max
+    scale = (fmax / amax.double().clamp(min=1e-12)).float()
+    if pow2:
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    return (tf * scale).clamp(-fmax, fmax).to(dtype).float() / scale
 
 
-class _ForwardFp8(torch.autograd.Function):
-    """Forward: the operand rounded through e4m3. Backward: the gradient passes unchanged (it is the rounded
-    operand's gradient, computed from the e5m2 output gradient below)."""
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
+
+def _cast_out(y_fp32: torch.Tensor, dtype: torch.dtype, r: Fp8Recipe) -> torch.Tensor:
+    if r.rowwise and dtype != torch.bfloat16:
+        y_fp32 = y_fp32.to(torch.bfloat16)  # as torchao: rowwise torch._scaled_mm has no fp32/fp16 output
+    return y_fp32.to(dtype)
+
+
+def _fp32_matmuls(x: torch.Tensor):
+    """FP8 kernels accumulate in fp32: keep autocast from rounding the dequantised operands to bf16."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t, dims):
-        return quantize_dequantize(t, E4M3, dims)
+    def forward(ctx, x, w, recipe: Fp8Recipe, out_dtype: torch.dtype):
+        ctx.save_for_backward(x, w)
+        ctx.recipe = recipe
+        q = functools.partial(quantize_dequantize, pow2=recipe.pow2_scales)
+        with _fp32_matmuls(x):
+            y = q(x.reshape(-1, x.shape[-1]), E4M3, recipe.dim(-1)) @ q(w, E4M3, recipe.dim(-1)).T
+        return _cast_out(y, out_dtype, recipe).reshape(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        return g, None
+        x, w = ctx.saved_tensors
+        r = ctx.recipe
+        q = functools.partial(quantize_dequantize, pow2=r.pow2_scales)
+        g_TN, x_TK = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        with _fp32_matmuls(x):
+            grad_x = q(g_TN, r.grad_dtype, r.dim(-1)) @ q(w, E4M3, r.dim(0))
+            grad_w = q(g_TN, r.grad_dtype, r.dim(0)).T @ q(x_TK, E4M3, r.dim(0))
+        # in g's dtype, as the kernels write them; autograd casts to x's and w's
+        return _cast_out(grad_x, g.dtype, r).reshape(x.shape), _cast_out(grad_w, g.dtype, r), None, None
 
 
-class _BackwardFp8(torch.autograd.Function):
-    """Forward: identity. Backward: the output gradient rounded through e5m2 (wider range, for gradients)."""
+class _Fp8GroupedMM(torch.autograd.Function):
+    """x [T, K] sorted by expert, w [E, N, K] (out x in), offsets_E the cumulative group ends."""
 
     @staticmethod
-    def forward(ctx, t, dims):
-        ctx.dims = dims
-        return t.view_as(t)
+    def forward(ctx, x, w, offsets_E, recipe: Fp8Recipe, out_dtype: torch.dtype):
+        ctx.save_for_backward(x, w, offsets_E)
+        ctx.recipe = recipe
+        q = functools.partial(quantize_dequantize, pow2=recipe.pow2_scales)
+        w_dim = -1 if recipe.rowwise else (-2, -1)  # per expert and output channel / per expert
+        with _fp32_matmuls(x):
+            return grouped_mm(q(x, E4M3, recipe.dim(-1)), q(w, E4M3, w_dim), offsets_E).to(out_dtype)
 
     @staticmethod
     def backward(ctx, g):
-        return quantize_dequantize(g, E5M2, ctx.dims), None
+        x, w, offsets_E = ctx.saved_tensors
+        r = ctx.recipe
+        q = functools.partial(quantize_dequantize, pow2=r.pow2_scales)
+        w_dim = -2 if r.rowwise else (-2, -1)  # contracted over the output channels now
+        g8, x8 = (None, None) if r.rowwise else (q(g, r.grad_dtype), q(x, E4M3))
+        grad_w, start = torch.zeros(w.shape, dtype=torch.float32, device=w.device), 0
+        with _fp32_matmuls(x):
+            grad_x = grouped_mm(q(g, r.grad_dtype, r.dim(-1)), q(w, E4M3, w_dim).transpose(-2, -1), offsets_E)
+            for e, end in enumerate(offsets_E.tolist()):
+                if end > start:  # rowwise: the group's own column scales over its tokens
+                    g_e = g8[start:end] if g8 is not None else q(g[start:end], r.grad_dtype, 0)
+                    x_e = x8[start:end] if x8 is not None else q(x[start:end], E4M3, 0)
+                    grad_w[e] = g_e.T @ x_e
+                start = end
+        return grad_x.to(g.dtype), grad_w.to(g.dtype), None, None, None
 
 
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, rowwise: bool) -> torch.Tensor:
-    dims = (-1,) if rowwise else None
-    return _BackwardFp8.apply(F.linear(_ForwardFp8.apply(x, dims), _ForwardFp8.apply(w, dims)), dims)
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, recipe: str | Fp8Recipe = "tensorwise") -> torch.Tensor:
+    r = recipe if isinstance(recipe, Fp8Recipe) else Fp8Recipe.of(recipe)
+    return _Fp8Linear.apply(x, w, r, _out_dtype(x))
 
 
-def fp8_grouped_mm(x: torch.Tensor, w_EMK: torch.Tensor, offsets: torch.Tensor, rowwise: bool) -> torch.Tensor:
-    dims = (-1,) if rowwise else None
-    w_dims = (-1,) if rowwise else (-2, -1)  # "tensorwise" for experts: one scale per expert's matrix
-    out = grouped_mm(_ForwardFp8.apply(x, dims), _ForwardFp8.apply(w_EMK, w_dims), offsets)
-    return _BackwardFp8.apply(out, dims)
+def fp8_grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor,
+                   recipe: str | Fp8Recipe = "tensorwise") -> torch.Tensor:
+    r = recipe if isinstance(recipe, Fp8Recipe) else Fp8Recipe.of(recipe)
+    return _Fp8GroupedMM.apply(x_TK, w_ENK, offsets_E, r, _out_dtype(x_TK))
 
 
 def _fp8_ok(m: nn.Linear) -> bool:
     return m.in_features % 16 == 0 and m.out_features % 16 == 0
 
 
-def apply_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool | None = None) -> list[str]:
-    """Make the model's attention, FFN and expert matmuls FP8 (see module doc); return the converted names.
-    ``emulate``: None = real FP8 (torchao) for linears on CUDA when available, emulation otherwise."""
-    if recipe not in RECIPES:
-        raise ValueError(f"fp8 recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
-    rowwise = recipe == "rowwise"
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    use_torchao = on_cuda and not emulate
-    if use_torchao:
+def _torchao_float8():
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        raise ImportError("fp8 backend 'torchao' needs torchao: pip install 'herd[fp8]' (or use backend "
+                          "'emulate')") from e
+    return Float8LinearConfig, convert_to_float8_training
+
+
+def apply_fp8(model: nn.Module, recipe: str = "tensorwise", backend: str = "auto") -> list[str]:
+    """Make the model's attention, FFN and expert matmuls FP8 (see the module doc); return the converted names."""
+    r = Fp8Recipe.of(recipe)
+    if backend not in BACKENDS:
+        raise ValueError(f"fp8 backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        on_cuda = next(model.parameters()).device.type == "cuda"
         try:
-            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+            use_torchao = on_cuda and bool(_torchao_float8())
         except ImportError:
-            if emulate is False:
-                raise
             use_torchao = False
-    converted = []
+    else:
+        use_torchao = backend == "torchao"
 
     def wanted(name: str, m: nn.Module) -> bool:
         return (isinstance(m, nn.Linear) and _fp8_ok(m) and not name.startswith("vision.")
                 and name != "lm_head" and not name.endswith("router"))
 
+    converted = [name for name, m in model.named_modules() if wanted(name, m) or type(m) is Experts]
     if use_torchao:
-        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
-                                   module_filter_fn=lambda m, name: wanted(name, m))
-        converted += [n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
-    else:
-        for name, m in model.named_modules():
-            if wanted(name, m):
-                m.forward = functools.partial(_emulated_linear_forward, m, rowwise)
-                converted.append(name)
+        config, convert = _torchao_float8()
+        convert(model, config=config.from_recipe_name(recipe), module_filter_fn=lambda m, name: wanted(name, m))
     for name, m in model.named_modules():
         if type(m) is Experts:
-            m.forward = functools.partial(_emulated_experts_forward, m, rowwise)
-            converted.append(name)
+            m.forward = functools.partial(_emulated_experts_forward, m, r)
+        elif not use_torchao and wanted(name, m):
+            m.forward = functools.partial(_emulated_linear_forward, m, r)
     return converted
 
 
-def _emulated_linear_forward(m: nn.Linear, rowwise: bool, x: torch.Tensor) -> torch.Tensor:
-    return fp8_linear(x, m.weight, rowwise)
+def _emulated_linear_forward(m: nn.Linear, r: Fp8Recipe, x: torch.Tensor) -> torch.Tensor:
+    y = fp8_linear(x, m.weight, r)
+    return y if m.bias is None else y + m.bias.to(y.dtype)
 
 
-def _emulated_experts_forward(m: Experts, rowwise: bool, x_ND: torch.Tensor, offsets_E: torch.Tensor,
+def _emulated_experts_forward(m: Experts, r: Fp8Recipe, x_ND: torch.Tensor, offsets_E: torch.Tensor,
                               weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     gate_up, down = weights or (m.gate_up_proj, m.down_proj)
-    gate, up = fp8_grouped_mm(x_ND, gate_up, offsets_E, rowwise).chunk(2, dim=-1)
-    return fp8_grouped_mm(F.silu(gate) * up, down, offsets_E, rowwise)
+    gate, up = fp8_grouped_mm(x_ND, gate_up, offsets_E, r).chunk(2, dim=-1)
+    return fp8_grouped_mm(torch.nn.functional.silu(gate) * up, down, offsets_E, r)

@@ -128,7 +128,7 @@ class Trainer:
             init_metap(self.model, cfg.metap)
         self.model.train()
         if t.fp8:
-            apply_fp8(self.model, t.fp8)
+            apply_fp8(self.model, t.fp8, t.fp8_backend)
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if self.world.size > 1:  # every rank holds the same full weights here; now each keeps its shards
