@@ -8,7 +8,7 @@ from herd.config import preset
 from herd.infer import engine as engine_module
 from herd.infer.cache import KVCache
 from herd.infer.engine import Engine
-from herd.infer.sampling import SamplingParams, filter_logits, sample
+from herd.infer.sampling import SamplingParams, adjust_logits, filter_logits, sample
 from herd.model import Transformer
 from herd.tokenizer import Tokenizer
 
@@ -107,6 +107,36 @@ def test_filters():
     assert sample(logits, SamplingParams(repetition_penalty=2.0), seen).item() == 1  # 4/2 = 2 < 3
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def test_openai_penalties_and_logit_bias():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    counts = torch.tensor([[2, 1, 0, 0, 0]])
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={3: 10.0, 0: -100.0})
+    # OpenAI's rule: logit - count * frequency - (count > 0) * presence, plus the bias
+    assert adjust_logits(logits, p, counts).tolist() == [[4 - 100 - 0.5 - 0.5, 3 - 0.5 - 0.25, 2, 11, 0]]
+    assert sample(logits, p, counts_BV=counts).item() == 3  # greedy over the adjusted logits
+
+
+def test_penalties_and_logprobs_in_generation():
+    """Frequency / presence penalties count the generated tokens (greedy with a large frequency penalty never
+    repeats within the vocabulary); logprobs are the model's own (a forward over the whole text without a
+    cache), and the top alternatives are sorted with the greedy token first."""
+    model = _random_model()
+    prompt = [1, 5, 9, 2]
+    engine = Engine(model)
+    (c,) = engine.generate([prompt], SamplingParams(max_new_tokens=12, frequency_penalty=2.0, presence_penalty=100.0,
+                                                     stop_ids=NO_STOP))
+    assert len(set(c.token_ids)) == 12
+    (c,) = engine.generate([prompt], SamplingParams(max_new_tokens=6, logprobs=3, stop_ids=NO_STOP))
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + c.token_ids[:-1]]))[0, len(prompt) - 1:].float().log_softmax(-1)
+    assert [e.token for e in c.logprobs] == c.token_ids
+    for j, e in enumerate(c.logprobs):
+        assert e.logprob == pytest.approx(logp[j, e.token].item(), abs=1e-4)
+        assert [i for i, _ in e.top] == logp[j].topk(3).indices.tolist() and e.top[0] == (e.token, e.logprob)
+    (biased,) = engine.generate([prompt], SamplingParams(max_new_tokens=5, logit_bias={7: 100.0}, stop_ids=NO_STOP))
+    assert biased.token_ids == [7] * 5
 
 
 def test_stop_strings_cut_text_and_streaming_holds_back_prefixes(monkeypatch):

@@ -78,12 +78,15 @@ def alone(llm, text, max_new_tokens, chat=True, **kw):
 def test_scheduler_interleaves_arrivals_and_equals_each_request_alone(pico):
     prompts = ["ROMEO.", "To be, or not to be", "KING HENRY. Now", "First Citizen.\nBefore we proceed", "O",
                "What light"]
-    params = [SamplingParams(max_new_tokens=12 + 3 * i, temperature=0.0 if i % 2 == 0 else 0.8, top_p=0.95, seed=i)
+    # greedy and sampled rows, some with OpenAI penalties or a logit bias, some reporting logprobs
+    params = [SamplingParams(max_new_tokens=12 + 3 * i, temperature=0.0 if i % 2 == 0 else 0.8, top_p=0.95, seed=i,
+                             frequency_penalty=0.8 if i % 3 == 1 else 0.0, presence_penalty=0.5 if i == 2 else 0.0,
+                             logit_bias={13: 3.0} if i == 4 else None, logprobs=i % 3 if i % 2 == 0 else None)
               for i in range(len(prompts))]
     old_chunk = pico.engine.prefill_chunk
     pico.engine.prefill_chunk = 2  # prompts prefill over several iterations, between decode steps
     try:
-        ref = [pico.engine.generate([pico.encode(p)], sp)[0].text for p, sp in zip(prompts, params)]
+        ref = [pico.engine.generate([pico.encode(p)], sp)[0] for p, sp in zip(prompts, params)]
         sched, out = Scheduler(pico.engine, max_batch=3, max_len=256), {}
         seqs = [Sequence(pico.encode(p), sp, lambda ev, i=i: out.setdefault(i, []).append(ev))
                 for i, (p, sp) in enumerate(zip(prompts, params))]
@@ -98,8 +101,15 @@ def test_scheduler_interleaves_arrivals_and_equals_each_request_alone(pico):
     finally:
         pico.engine.prefill_chunk = old_chunk
     for i in range(len(prompts)):
-        assert "".join(ev.text for ev in out[i]) == ref[i], prompts[i]
+        assert "".join(ev.text for ev in out[i]) == ref[i].text, prompts[i]
         assert out[i][-1].finish_reason == "length" and out[i][-1].n_tokens == params[i].max_new_tokens
+        if params[i].logprobs is not None:
+            got = [lp for ev in out[i] for lp in ev.logprobs]  # to 1e-5: batch rows sum in another order
+            assert [(e.token, [t for t, _ in e.top]) for e in got] == [(e.token, [t for t, _ in e.top])
+                                                                       for e in ref[i].logprobs]
+            assert [e.logprob for e in got] == pytest.approx([e.logprob for e in ref[i].logprobs], abs=1e-5)
+        else:
+            assert all(ev.logprobs is None for ev in out[i])
     assert sched.stats.max_running == 3 and not sched.running and not sched.waiting
 
 
@@ -172,6 +182,45 @@ def test_completions_stop_seed_n_and_echo(client, pico):
     ids = pico.encode("ROMEO.")
     assert client.completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0).choices[0].text == \
         alone(pico, "ROMEO.", 6, chat=False)
+
+
+def test_logprobs_logit_bias_and_penalties(client, pico):
+    """Chat and completions logprobs in OpenAI's shapes, equal to the model's own log-probabilities (a forward
+    over prompt + answer without a cache), streamed the same as whole; a +100 logit bias forces its token."""
+    messages = [{"role": "user", "content": "Speak of the sea."}]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 10 and r.choices[0].finish_reason == "length"
+    assert b"".join(bytes(e.bytes) for e in content).decode() == r.choices[0].message.content
+    ids = pico.chat_ids(messages)
+    answer = pico.engine.generate([ids], SamplingParams(max_new_tokens=10))[0].token_ids
+    with torch.no_grad():
+        logp = pico.model(torch.tensor([ids + answer[:-1]]))[0, len(ids) - 1:].float().log_softmax(-1)
+    for j, e in enumerate(content):
+        assert e.logprob == pytest.approx(logp[j, answer[j]].item(), abs=1e-4)
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token  # greedy: the best token
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+
+    c = client.completions.create(model=NAME, prompt="To be, or not to be", max_tokens=8, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert "".join(lp.tokens) == c.choices[0].text and len(lp.token_logprobs) == 8
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(8)]
+    assert all(len(top) <= 2 and max(top.values()) >= v - 1e-6 for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    streamed = [x for ch in client.completions.create(model=NAME, prompt="To be, or not to be", max_tokens=8,
+                                                      temperature=0, logprobs=2, stream=True)
+                if ch.choices[0].logprobs for x in zip(ch.choices[0].logprobs.tokens,
+                                                       ch.choices[0].logprobs.text_offset)]
+    assert streamed == list(zip(lp.tokens, lp.text_offset))
+
+    forced = pico.encode(" sea")[-1]
+    b = client.completions.create(model=NAME, prompt="ROMEO.", max_tokens=5, temperature=0.7, seed=1,
+                                  logit_bias={str(forced): 100}, frequency_penalty=0.5)
+    assert b.choices[0].text == pico.tokenizer.decode([forced] * 5)
 
 
 class Scripted(torch.nn.Module):
@@ -309,8 +358,12 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server):
         ({**ok, "messages": [{"role": "user", "content": "word " * 600}]}, 400, "maximum context length is 512"),
         ({**ok, "n": 0}, 400, "n"),
         ({**ok, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-        ({**ok, "logprobs": True}, 400, "logprobs"),
-        ({**ok, "presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({**ok, "top_logprobs": 2}, 400, "top_logprobs needs logprobs"),
+        ({**ok, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+        ({**ok, "presence_penalty": 2.5}, 400, "presence_penalty"),
+        ({**ok, "logit_bias": {"the": 1}}, 400, "not a token id"),
+        ({**ok, "logit_bias": {"99999999": 1}}, 400, "not a token id"),
+        ({**ok, "logit_bias": {"5": 101}}, 400, "logit_bias"),
         ({**ok, "messages": [{"role": "user", "content": [{"type": "audio", "x": 1}]}]}, 400, "messages"),
         ({**ok, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice":
           {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
@@ -322,6 +375,8 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server):
         assert needle in err["message"] or needle == err["param"], (needle, err)
     assert post(url, "/v1/completions", {"model": NAME, "prompt": [], "max_tokens": 1}).status_code == 400
     assert post(url, "/v1/completions", {"model": NAME, "prompt": "x", "suffix": "y"}).status_code == 400
+    r = post(url, "/v1/completions", {"model": NAME, "prompt": "x", "echo": True, "logprobs": 1})
+    assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
     assert httpx.get(url + "/v1/nothing").status_code == 404
     r = post(url, "/v1/chat/completions", ok)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"

@@ -20,7 +20,7 @@ import torch
 
 from herd.infer.cache import KVCache
 from herd.infer.matvec import use_matvec
-from herd.infer.sampling import SamplingParams, sample
+from herd.infer.sampling import SamplingParams, TokenLogprob, sample, token_logprobs
 from herd.model import Transformer
 from herd.tokenizer import Tokenizer
 
@@ -31,6 +31,7 @@ class Completion:
     token_ids: list[int]  # generated ids, including the stop token when one ended the generation
     text: str  # decoded text, without the stop token / stop string
     stop_reason: str  # "stop_token" | "stop_string" | "length"
+    logprobs: list[TokenLogprob] | None = None  # per generated token, when SamplingParams.logprobs is set
 
 
 class Row:
@@ -40,13 +41,16 @@ class Row:
         self.prompt, self.ids, self.params, self.stop_ids = prompt, [], params, stop_ids
         self.decoder = tokenizer.stream_decoder() if tokenizer is not None else None
         self.text, self.emitted, self.reason = "", 0, None
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
 
     @property
     def done(self) -> bool:
         return self.reason is not None
 
-    def push(self, token: int) -> None:
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> None:
         self.ids.append(token)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
         if token in self.stop_ids:
             self.reason = "stop_token"
         elif self.decoder is not None:
@@ -220,7 +224,9 @@ class Engine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        seen = None
+        seen, counts = None, None
+        if params.counts_output:
+            counts = torch.zeros(len(prompts), cfg.vocab_size, dtype=torch.int32, device=self.device)
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(len(prompts), cfg.vocab_size, dtype=torch.bool, device=self.device)
             for b, p in enumerate(prompts):
@@ -230,15 +236,19 @@ class Engine:
         for b, (prompt, pixels) in enumerate(zip(prompts, images)):
             last[b] = self._prefill(cache.row(b), prompt, pixels)
         while True:
-            next_ids = sample(last, params, seen, generator)
-            for row, token in zip(rows, next_ids.tolist()):
+            next_ids = sample(last, params, seen, generator, counts)
+            logprobs = (token_logprobs(last, next_ids, params.logprobs) if params.logprobs is not None
+                        else [None] * len(rows))
+            for row, token, lp in zip(rows, next_ids.tolist(), logprobs):
                 if not row.done:
-                    row.push(token)
+                    row.push(token, lp)
             yield rows
             if all(r.done for r in rows):
                 return
             if seen is not None:
                 seen.scatter_(1, next_ids[:, None], True)
+            if counts is not None:
+                counts.scatter_add_(1, next_ids[:, None], torch.ones_like(next_ids[:, None], dtype=torch.int32))
             last = self._decode(cache, next_ids[:, None])[:, -1].float()
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams | None = None,
@@ -249,7 +259,7 @@ class Engine:
         rows: list[Row] = []
         for rows in self._steps(prompts, params, images):
             pass
-        return [Completion(r.prompt, r.ids, r.text, r.reason or "length") for r in rows]
+        return [Completion(r.prompt, r.ids, r.text, r.reason or "length", r.logprobs) for r in rows]
 
     def stream(self, prompt: list[int], params: SamplingParams | None = None,
                images: torch.Tensor | None = None) -> Iterator[str]:

@@ -31,8 +31,8 @@ from herd.api import LLM
 from herd.chat import parse_assistant, with_tools
 from herd.errors import HerdError
 from herd.serve.metrics import Metrics
-from herd.serve.protocol import (ChatRequest, CompletionRequest, RequestError, envelope, herd_messages, new_id,
-                                 openai_tool_calls, usage)
+from herd.serve.protocol import (ChatRequest, CompletionRequest, RequestError, chat_logprobs, completion_logprobs,
+                                 envelope, herd_messages, new_id, openai_tool_calls, usage)
 from herd.serve.scheduler import Event, QueueFull, Scheduler, Sequence
 
 log = logging.getLogger("herd.serve")
@@ -91,9 +91,11 @@ class ChoiceText:
     def __init__(self, tools: bool):
         self.tools, self.text, self.sent, self.holding = tools, "", 0, False
         self.tokens, self.finish, self.error = 0, None, None
+        self.logprobs, self.logprobs_sent, self.offset = [], 0, 0  # offset: text_offset of the next token
 
     def push(self, ev: Event) -> str:
         self.text += ev.text
+        self.logprobs += ev.logprobs or []
         self.tokens, self.finish, self.error = ev.n_tokens, ev.finish_reason or self.finish, ev.error or self.error
         if self.holding:
             return ""
@@ -118,13 +120,18 @@ class ChoiceText:
         out, self.sent = self.text[self.sent:], len(self.text)
         return out
 
+    def take_logprobs(self) -> list:
+        """The logprobs not yet streamed."""
+        out, self.logprobs_sent = self.logprobs[self.logprobs_sent:], len(self.logprobs)
+        return out
+
 
 def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 256, max_tokens_limit: int | None = None, max_len: int | None = None,
                media_dir: str | Path | None = None) -> FastAPI:
     """The server app for a loaded model. ``max_len`` bounds prompt + completion (default: the model's context,
     capped at 8192 to keep the batch's KV cache small); ``max_tokens_limit`` bounds max_tokens."""
-    cfg = llm.model.cfg
+    cfg, tokenizer = llm.model.cfg, llm.tokenizer
     scheduler = Scheduler(llm.engine, max_batch=max_batch, max_queue=max_queue,
                           max_len=max_len or min(cfg.max_seq_len, 8192))
     metrics = Metrics(scheduler)
@@ -220,25 +227,28 @@ def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None
 
         ids, pixels = await run_in_threadpool(prepare)
         n_new = budget(req.token_limit, len(ids))
-        gen = Generation(scheduler, [(ids, pixels)] * req.n, [req.sampling(n_new, i) for i in range(req.n)])
+        gen = Generation(scheduler, [(ids, pixels)] * req.n,
+                         [req.sampling(n_new, i, cfg.vocab_size) for i in range(req.n)])
         metrics.prompt_tokens.inc(len(ids))
         rid = new_id("chatcmpl")
         texts = [ChoiceText(tools is not None) for _ in range(req.n)]
         if req.stream:
-            return _sse(chat_stream(gen, request, rid, texts, len(ids), req.include_usage, start))
+            return _sse(chat_stream(gen, request, rid, texts, len(ids), req.include_usage, start, req.logprobs))
         await collect(gen, request, texts)
         choices = []
         for i, t in enumerate(texts):
             message, finish = t.message()
-            choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
+            choices.append({"index": i, "message": message, "finish_reason": finish,
+                            "logprobs": chat_logprobs(t.logprobs, tokenizer) if req.logprobs else None})
         done(texts, "/v1/chat/completions", start, gen)
         return envelope("chat.completion", rid, model_name, choices,
                         usage=usage(len(ids), sum(t.tokens for t in texts)))
 
-    async def chat_stream(gen, request, rid, texts, prompt_len, include_usage, start):
+    async def chat_stream(gen, request, rid, texts, prompt_len, include_usage, start, logprobs):
         def chunk(i, delta, finish=None):
+            lp = chat_logprobs(texts[i].take_logprobs(), tokenizer) if logprobs else None
             return envelope("chat.completion.chunk", rid, model_name,
-                            [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}])
+                            [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}])
 
         for i in range(len(texts)):
             yield chunk(i, {"role": "assistant", "content": ""})
@@ -281,7 +291,7 @@ def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None
             n_new = budget(req.max_tokens, len(ids))
             for j in range(req.n):
                 inputs.append((ids, None))
-                params.append(req.sampling(n_new, j))
+                params.append(req.sampling(n_new, j, cfg.vocab_size))
                 echo.append((p if isinstance(p, str) else llm.tokenizer.decode(ids)) if req.echo else "")
         gen = Generation(scheduler, inputs, params)
         prompt_tokens = sum(len(ids) for ids in encoded)
@@ -289,18 +299,28 @@ def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None
         rid = new_id("cmpl")
         texts = [ChoiceText(False) for _ in inputs]
         if req.stream:
-            return _sse(completion_stream(gen, request, rid, texts, echo, prompt_tokens, req.include_usage, start))
+            return _sse(completion_stream(gen, request, rid, texts, echo, prompt_tokens, req.include_usage, start,
+                                          req.logprobs))
         await collect(gen, request, texts)
-        choices = [{"index": i, "text": echo[i] + t.text, "finish_reason": t.finish, "logprobs": None}
-                   for i, t in enumerate(texts)]
+        choices = [{"index": i, "text": echo[i] + t.text, "finish_reason": t.finish,
+                    "logprobs": logprobs_of(t, req.logprobs)} for i, t in enumerate(texts)]
         done(texts, "/v1/completions", start, gen)
         return envelope("text_completion", rid, model_name, choices,
                         usage=usage(prompt_tokens, sum(t.tokens for t in texts)))
 
-    async def completion_stream(gen, request, rid, texts, echo, prompt_tokens, include_usage, start):
+    def logprobs_of(t: ChoiceText, n: int | None) -> dict | None:
+        """The completions logprobs of the tokens ``t`` has not reported yet (all of them, unstreamed)."""
+        if n is None:
+            return None
+        out = completion_logprobs(t.take_logprobs(), tokenizer, t.offset, top=n > 0)
+        t.offset += sum(len(s) for s in out["tokens"])
+        return out
+
+    async def completion_stream(gen, request, rid, texts, echo, prompt_tokens, include_usage, start, logprobs):
         def chunk(i, text, finish=None):
             return envelope("text_completion", rid, model_name,
-                            [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}])
+                            [{"index": i, "text": text, "finish_reason": finish,
+                              "logprobs": logprobs_of(texts[i], logprobs)}])
 
         for i, prefix in enumerate(echo):
             if prefix:

@@ -2,7 +2,7 @@
 field), their translation into herd messages and sampling parameters, and the response objects.
 
 Unknown fields are ignored, as OpenAI's own server does for fields it does not know; fields herd knows but does
-not implement (logprobs, penalties, structured output, suffix) are refused with a message, never silently
+not implement (structured output, suffix, best_of, prompt logprobs) are refused with a message, never silently
 dropped.
 """
 
@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from herd.infer.sampling import SamplingParams
+from herd.infer.sampling import SamplingParams, TokenLogprob
 
 
 class RequestError(Exception):
@@ -102,9 +102,9 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     user: str | None = None
 
     @field_validator("stop")
@@ -120,18 +120,29 @@ class _Sampling(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def refuse_unsupported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise RequestError(f"{name} is not supported by herd serve", name)
-        if self.logit_bias:
-            raise RequestError("logit_bias is not supported by herd serve", "logit_bias")
+        pass
 
-    def sampling(self, max_new_tokens: int, index: int) -> SamplingParams:
+    @property
+    def n_logprobs(self) -> int | None:
+        """How many alternatives to report per token; None: no logprobs."""
+        return None
+
+    def sampling(self, max_new_tokens: int, index: int, vocab_size: int) -> SamplingParams:
         """The parameters of choice ``index``: choices of one seeded request draw from seeds seed, seed + 1, ..."""
+        bias = None
+        if self.logit_bias:
+            bias = {}
+            for key, value in self.logit_bias.items():
+                if not key.strip().isdigit() or int(key) >= vocab_size:
+                    raise RequestError(f"logit_bias: {key!r} is not a token id of this model (0 to {vocab_size - 1})",
+                                       "logit_bias")
+                bias[int(key)] = value
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0 if self.temperature is None else
                               self.temperature, top_p=self.top_p or 1.0, top_k=self.top_k or 0,
                               min_p=self.min_p or 0.0, stop=list(self.stop or []),
-                              seed=None if self.seed is None else self.seed + index)
+                              presence_penalty=self.presence_penalty or 0.0,
+                              frequency_penalty=self.frequency_penalty or 0.0, logit_bias=bias,
+                              logprobs=self.n_logprobs, seed=None if self.seed is None else self.seed + index)
 
 
 class ChatRequest(_Sampling):
@@ -141,12 +152,16 @@ class ChatRequest(_Sampling):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
 
+    @property
+    def n_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def refuse_unsupported(self) -> None:
-        super().refuse_unsupported()
-        if self.logprobs:
-            raise RequestError("logprobs are not supported by herd serve", "logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise RequestError("structured output (response_format other than text) is not supported by herd serve",
                                "response_format")
@@ -174,15 +189,19 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = None
 
+    @property
+    def n_logprobs(self) -> int | None:
+        return self.logprobs
+
     def refuse_unsupported(self) -> None:
-        super().refuse_unsupported()
         if self.suffix:
             raise RequestError("suffix (fill-in-the-middle) is not supported by herd serve", "suffix")
-        if self.logprobs is not None:
-            raise RequestError("logprobs are not supported by herd serve", "logprobs")
+        if self.echo and self.logprobs is not None:
+            raise RequestError("logprobs of the prompt (echo with logprobs) are not supported by herd serve",
+                               "logprobs")
         if self.best_of not in (None, 1, self.n):
             raise RequestError("best_of other than n is not supported by herd serve", "best_of")
 
@@ -250,6 +269,34 @@ def openai_tool_calls(calls: list[dict]) -> list[dict]:
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
             for c in calls]
+
+
+def _token(tokenizer, token_id: int) -> tuple[str, list[int]]:
+    raw = tokenizer.decode_bytes([token_id])
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def chat_logprobs(entries: list[TokenLogprob], tokenizer) -> dict:
+    """OpenAI chat ``logprobs``: each token's text, bytes (a token may hold part of a UTF-8 character) and
+    logprob, with its top alternatives."""
+    def item(token_id: int, logprob: float) -> dict:
+        text, raw = _token(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprob], tokenizer, offset: int, top: bool) -> dict:
+    """OpenAI legacy completions ``logprobs``: parallel lists; text_offset counts characters from ``offset``
+    (the echoed prompt's length, or where the previous stream chunk ended)."""
+    tokens, offsets = [], []
+    for e in entries:
+        offsets.append(offset)
+        tokens.append(_token(tokenizer, e.token)[0])
+        offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "text_offset": offsets,
+            "top_logprobs": [{_token(tokenizer, i)[0]: lp for i, lp in e.top} for e in entries] if top else None}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -28,7 +28,7 @@ import torch
 
 from herd.infer.cache import KVCache
 from herd.infer.engine import Engine, Row
-from herd.infer.sampling import SamplingParams, sample
+from herd.infer.sampling import SamplingParams, TokenLogprob, sample, token_logprobs
 
 log = logging.getLogger("herd.serve")
 
@@ -42,12 +42,14 @@ class QueueFull(Exception):
 @dataclass
 class Event:
     """What a sequence reports: new text (safe to show), tokens generated so far, and on the last event why it
-    ended ("stop", "length", "cancelled" or "error" with ``error`` set)."""
+    ended ("stop", "length", "cancelled" or "error" with ``error`` set). ``logprobs``: of the tokens generated
+    since the last event, when asked for (a stop token is not reported)."""
 
     text: str
     n_tokens: int
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Sequence:
@@ -62,6 +64,8 @@ class Sequence:
         self.pending = 0  # the sampled token the next decode step feeds
         self.prefilled = 0  # prompt tokens in the cache so far
         self.cancelled = False
+        self.counts: torch.Tensor | None = None  # [V] times each token was generated (presence/frequency penalty)
+        self.unsent: list[TokenLogprob] = []  # logprobs not yet in an event
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
 
@@ -194,6 +198,8 @@ class Scheduler:
         seq.row = Row(seq.prompt, engine.tokenizer, seq.params, engine.stop_ids(seq.params))
         if seq.params.seed is not None:
             seq.generator = torch.Generator(device=engine.device).manual_seed(seq.params.seed)
+        if seq.params.counts_output:
+            seq.counts = torch.zeros(engine.model.cfg.vocab_size, dtype=torch.int32, device=engine.device)
         self.cache.reset_row(slot)
         seq.chunks = engine.prefill_chunks(self.cache.row(slot), seq.prompt, seq.pixels)
         self.prefilling = seq
@@ -215,8 +221,8 @@ class Scheduler:
         if seq.params.max_new_tokens == 0:
             self._finish(seq, "length")
             return
-        token = self._sample(logits[None], [seq])[0]
-        if self._push(seq, token):
+        (token, logprob), = self._sample(logits[None], [seq])
+        if self._push(seq, token, logprob):
             self.stats.finished += 1
             return
         slot = len(self.running)
@@ -229,33 +235,41 @@ class Scheduler:
         ids = torch.tensor([[s.pending] for s in self.running], device=self.engine.device)
         logits = self.engine.model(ids, cache=self.cache.rows(0, n), last_only=True)[:, -1].float()
         self.stats.decode_steps += 1
-        tokens = self._sample(logits, self.running)
-        for seq, token in zip(list(self.running), tokens):
-            if self._push(seq, token):
+        for seq, (token, logprob) in zip(list(self.running), self._sample(logits, self.running)):
+            if self._push(seq, token, logprob):
                 self._retire(seq, None)
 
-    def _sample(self, logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """Each row by its own parameters: greedy rows share one argmax, sampled rows draw from their own
-        generator (the draws equal what ``Engine.generate`` makes for that request alone)."""
+    def _sample(self, logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
+        """Each row by its own parameters: plain greedy rows share one argmax, the others go through their own
+        logit adjustments and generator (the draws equal what ``Engine.generate`` makes for that request alone).
+        With each token, its logprobs when the row asked for them."""
         out = logits_BV.argmax(-1).tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         for b, seq in enumerate(seqs):
-            if not seq.params.greedy:
-                out[b] = sample(logits_BV[b:b + 1], seq.params, generator=seq.generator).item()
-        return out
+            p = seq.params
+            if not p.greedy or p.adjusts_logits:
+                counts = seq.counts[None] if seq.counts is not None else None
+                out[b] = sample(logits_BV[b:b + 1], p, generator=seq.generator, counts_BV=counts).item()
+            if p.logprobs is not None:
+                logprobs[b] = token_logprobs(logits_BV[b:b + 1], logits_BV.new_tensor([out[b]], dtype=torch.long), p.logprobs)[0]
+        return list(zip(out, logprobs))
 
-    def _push(self, seq: Sequence, token: int) -> bool:
+    def _push(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Record a sampled token and report the new text; True when the sequence is done."""
         row = seq.row
         row.push(token)
         seq.pending = token
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        if logprob is not None and row.reason != "stop_token":
+            seq.unsent.append(logprob)
         self.stats.generated_tokens += 1
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         delta = row.delta()
-        if row.done:
-            seq.on_event(Event(delta, len(row.ids), FINISH[row.reason]))
-        elif delta:
-            seq.on_event(Event(delta, len(row.ids)))
+        if row.done or delta:
+            logprobs, seq.unsent = (seq.unsent, []) if seq.params.logprobs is not None else (None, [])
+            seq.on_event(Event(delta, len(row.ids), FINISH[row.reason] if row.done else None, logprobs=logprobs))
         return row.done
 
     def _retire(self, seq: Sequence, reason: str | None) -> None:
