@@ -138,6 +138,17 @@ def test_penalties_and_logprobs_in_generation():
     (biased,) = engine.generate([prompt], SamplingParams(max_new_tokens=5, logit_bias={7: 100.0}, stop_ids=NO_STOP))
     assert biased.token_ids == [7] * 5
 
+    # prompt logprobs, prefilled in chunks of 3 (a chunk's last position predicts the next chunk's first token)
+    long_prompt = [1, 5, 9, 2, 7, 7, 3, 11, 4, 6, 8]
+    engine.prefill_chunk, out = 3, []
+    cache = KVCache(model.cfg, 1, 32, torch.float32)
+    with torch.no_grad():
+        for _ in engine.prefill_chunks(cache.row(0), long_prompt, None, (2, out)):
+            pass
+        logp = model(torch.tensor([long_prompt]))[0].float().log_softmax(-1)
+    assert [e.token for e in out] == long_prompt[1:]
+    assert [e.logprob for e in out] == pytest.approx([logp[t, long_prompt[t + 1]].item() for t in range(10)], abs=1e-4)
+
 
 def test_stop_strings_cut_text_and_streaming_holds_back_prefixes(monkeypatch):
     tok = Tokenizer.load()

@@ -186,7 +186,8 @@ def test_completions_stop_seed_n_and_echo(client, pico):
 
 def test_logprobs_logit_bias_and_penalties(client, pico):
     """Chat and completions logprobs in OpenAI's shapes, equal to the model's own log-probabilities (a forward
-    over prompt + answer without a cache), streamed the same as whole; a +100 logit bias forces its token."""
+    over prompt + answer without a cache), streamed the same as whole; prompt logprobs with echo; a +100 logit
+    bias forces its token."""
     messages = [{"role": "user", "content": "Speak of the sea."}]
     r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0, logprobs=True,
                                        top_logprobs=3)
@@ -216,6 +217,20 @@ def test_logprobs_logit_bias_and_penalties(client, pico):
                 if ch.choices[0].logprobs for x in zip(ch.choices[0].logprobs.tokens,
                                                        ch.choices[0].logprobs.text_offset)]
     assert streamed == list(zip(lp.tokens, lp.text_offset))
+
+    # prompt logprobs, as lm-evaluation-harness asks to score a text: echo, logprobs, max_tokens 0
+    text = "To be, or not to be, that is the question"
+    e = client.completions.create(model=NAME, prompt=text, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    lp, ids = e.choices[0].logprobs, pico.encode(text)
+    assert e.choices[0].text == text == "".join(lp.tokens) and len(lp.tokens) == len(ids) - 1
+    with torch.no_grad():
+        logp = pico.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    assert lp.token_logprobs == pytest.approx([logp[t, ids[t + 1]].item() for t in range(len(ids) - 1)], abs=1e-4)
+    e = client.completions.create(model=NAME, prompt=ids, max_tokens=2, echo=True, logprobs=0, temperature=0)
+    lp = e.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 2 and lp.token_logprobs[0] is None and lp.top_logprobs is None
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx([logp[t, ids[t + 1]].item() for t in range(len(ids) - 1)],
+                                                          abs=1e-4)
 
     forced = pico.encode(" sea")[-1]
     b = client.completions.create(model=NAME, prompt="ROMEO.", max_tokens=5, temperature=0.7, seed=1,
@@ -375,7 +390,7 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server):
         assert needle in err["message"] or needle == err["param"], (needle, err)
     assert post(url, "/v1/completions", {"model": NAME, "prompt": [], "max_tokens": 1}).status_code == 400
     assert post(url, "/v1/completions", {"model": NAME, "prompt": "x", "suffix": "y"}).status_code == 400
-    r = post(url, "/v1/completions", {"model": NAME, "prompt": "x", "echo": True, "logprobs": 1})
+    r = post(url, "/v1/completions", {"model": NAME, "prompt": "x", "echo": True, "logprobs": 1, "stream": True})
     assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
     assert httpx.get(url + "/v1/nothing").status_code == 404
     r = post(url, "/v1/chat/completions", ok)

@@ -182,23 +182,32 @@ class Engine:
             pass
         return logits
 
-    def prefill_chunks(self, view, prompt: list[int], pixels: torch.Tensor | None) -> Iterator[torch.Tensor | None]:
+    def prefill_chunks(self, view, prompt: list[int], pixels: torch.Tensor | None,
+                       prompt_logprobs: tuple[int, list[TokenLogprob]] | None = None
+                       ) -> Iterator[torch.Tensor | None]:
         """Prefill one row chunk by chunk into its cache view, yielding None after each chunk but the last and
         then the last position's fp32 logits [V] (a scheduler interleaves the chunks with decode steps). Image
-        features are consumed in order as their placeholders come."""
+        features are consumed in order as their placeholders come. ``prompt_logprobs`` = (n, out): append to
+        ``out`` the logprob and top-n alternatives of every prompt token after the first (one chunk of logits at
+        a time, never [T, V] for the whole prompt)."""
         features, used = (self._features(pixels) if pixels is not None else None), 0
+        last_only = prompt_logprobs is None
         for start in range(0, len(prompt), self.prefill_chunk):
             if start:
                 yield None
             ids = prompt[start:start + self.prefill_chunk]
             piece = torch.tensor([ids], device=self.device)
             if features is None:
-                logits = self.model(piece, cache=view, last_only=True)
+                logits = self.model(piece, cache=view, last_only=last_only)
             else:
                 n = sum(t == self.model.cfg.image_token_id for t in ids)
                 embeds = self.model.embed(piece, features[used:used + n])
                 used += n
-                logits = self.model(embeds=embeds, cache=view, last_only=True)
+                logits = self.model(embeds=embeds, cache=view, last_only=last_only)
+            if prompt_logprobs is not None:  # position t predicts prompt token t + 1
+                targets = torch.tensor(prompt[start + 1:start + 1 + len(ids)], device=self.device)
+                top, out = prompt_logprobs
+                out += token_logprobs(logits[0, :len(targets)], targets, top)
         yield logits[0, -1].float()
 
     def stop_ids(self, params: SamplingParams) -> set[int]:

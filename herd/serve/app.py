@@ -42,7 +42,8 @@ _CALL_START = "{[<"  # a Llama 4 tool call starts with one of these (JSON, pytho
 class Generation:
     """The sequences of one request on the scheduler, and the events they send back to this event loop."""
 
-    def __init__(self, scheduler: Scheduler, inputs: list[tuple[list[int], object]], params: list):
+    def __init__(self, scheduler: Scheduler, inputs: list[tuple[list[int], object]], params: list,
+                 prompt_logprobs: int | None = None):
         loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
 
         def sink(i: int):
@@ -53,7 +54,8 @@ class Generation:
                     self.seqs[i].cancel()
             return on_event
 
-        self.seqs = [Sequence(ids, p, sink(i), pixels) for i, ((ids, pixels), p) in enumerate(zip(inputs, params))]
+        self.seqs = [Sequence(ids, p, sink(i), pixels, prompt_logprobs)
+                     for i, ((ids, pixels), p) in enumerate(zip(inputs, params))]
         self.open = len(self.seqs)
         try:
             scheduler.submit(self.seqs)
@@ -92,10 +94,12 @@ class ChoiceText:
         self.tools, self.text, self.sent, self.holding = tools, "", 0, False
         self.tokens, self.finish, self.error = 0, None, None
         self.logprobs, self.logprobs_sent, self.offset = [], 0, 0  # offset: text_offset of the next token
+        self.prompt_logprobs: list = []
 
     def push(self, ev: Event) -> str:
         self.text += ev.text
         self.logprobs += ev.logprobs or []
+        self.prompt_logprobs += ev.prompt_logprobs or []
         self.tokens, self.finish, self.error = ev.n_tokens, ev.finish_reason or self.finish, ev.error or self.error
         if self.holding:
             return ""
@@ -286,14 +290,16 @@ def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None
             encoded = [llm.encode(p) for p in prompts]
         except (HerdError, ValueError) as e:
             raise RequestError(str(e), "prompt") from None
-        inputs, params, echo = [], [], []
+        inputs, params, echo, echo_ids = [], [], [], []
         for p, ids in zip(prompts, encoded):
             n_new = budget(req.max_tokens, len(ids))
             for j in range(req.n):
                 inputs.append((ids, None))
                 params.append(req.sampling(n_new, j, cfg.vocab_size))
                 echo.append((p if isinstance(p, str) else llm.tokenizer.decode(ids)) if req.echo else "")
-        gen = Generation(scheduler, inputs, params)
+                # the echoed tokens: a text prompt's own (its <|begin_of_text|> is herd's, not the text's)
+                echo_ids.append(ids[1:] if isinstance(p, str) else ids)
+        gen = Generation(scheduler, inputs, params, req.logprobs if req.echo else None)
         prompt_tokens = sum(len(ids) for ids in encoded)
         metrics.prompt_tokens.inc(prompt_tokens)
         rid = new_id("cmpl")
@@ -302,6 +308,9 @@ def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None
             return _sse(completion_stream(gen, request, rid, texts, echo, prompt_tokens, req.include_usage, start,
                                           req.logprobs))
         await collect(gen, request, texts)
+        for t, ids in zip(texts, echo_ids):  # prompt logprobs first: token 1 of a token-id prompt has none
+            if req.echo and req.logprobs is not None:
+                t.logprobs[:0] = ids[:len(ids) - len(t.prompt_logprobs)] + t.prompt_logprobs
         choices = [{"index": i, "text": echo[i] + t.text, "finish_reason": t.finish,
                     "logprobs": logprobs_of(t, req.logprobs)} for i, t in enumerate(texts)]
         done(texts, "/v1/completions", start, gen)

@@ -2,7 +2,7 @@
 field), their translation into herd messages and sampling parameters, and the response objects.
 
 Unknown fields are ignored, as OpenAI's own server does for fields it does not know; fields herd knows but does
-not implement (structured output, suffix, best_of, prompt logprobs) are refused with a message, never silently
+not implement (structured output, suffix, best_of, streamed prompt logprobs) are refused with a message, never silently
 dropped.
 """
 
@@ -199,9 +199,8 @@ class CompletionRequest(_Sampling):
     def refuse_unsupported(self) -> None:
         if self.suffix:
             raise RequestError("suffix (fill-in-the-middle) is not supported by herd serve", "suffix")
-        if self.echo and self.logprobs is not None:
-            raise RequestError("logprobs of the prompt (echo with logprobs) are not supported by herd serve",
-                               "logprobs")
+        if self.echo and self.logprobs is not None and self.stream:
+            raise RequestError("echo with logprobs (prompt logprobs) is not supported when streaming", "stream")
         if self.best_of not in (None, 1, self.n):
             raise RequestError("best_of other than n is not supported by herd serve", "best_of")
 
@@ -287,16 +286,19 @@ def chat_logprobs(entries: list[TokenLogprob], tokenizer) -> dict:
                         for e in entries], "refusal": None}
 
 
-def completion_logprobs(entries: list[TokenLogprob], tokenizer, offset: int, top: bool) -> dict:
+def completion_logprobs(entries: list[TokenLogprob | int], tokenizer, offset: int, top: bool) -> dict:
     """OpenAI legacy completions ``logprobs``: parallel lists; text_offset counts characters from ``offset``
-    (the echoed prompt's length, or where the previous stream chunk ended)."""
-    tokens, offsets = [], []
+    (where the previous stream chunk ended). A bare token id (an echoed prompt's first token, which nothing
+    predicts) gets None for its logprob and alternatives."""
+    tokens, offsets, logprobs, tops = [], [], [], []
     for e in entries:
         offsets.append(offset)
-        tokens.append(_token(tokenizer, e.token)[0])
+        tokens.append(_token(tokenizer, e if isinstance(e, int) else e.token)[0])
         offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "text_offset": offsets,
-            "top_logprobs": [{_token(tokenizer, i)[0]: lp for i, lp in e.top} for e in entries] if top else None}
+        logprobs.append(None if isinstance(e, int) else e.logprob)
+        tops.append(None if isinstance(e, int) else {_token(tokenizer, i)[0]: lp for i, lp in e.top})
+    return {"tokens": tokens, "token_logprobs": logprobs, "text_offset": offsets,
+            "top_logprobs": tops if top else None}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -50,14 +50,18 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first event, when asked for: prompt tokens 2..T
 
 
 class Sequence:
     """One completion to generate: a prompt (ids, image tiles), its sampling parameters and where its events go."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], None],
-                 pixels: torch.Tensor | None = None):
+                 pixels: torch.Tensor | None = None, prompt_logprobs: int | None = None):
+        """``prompt_logprobs``: also report the prompt tokens' logprobs with this many alternatives."""
         self.prompt, self.params, self.on_event, self.pixels = prompt, params, on_event, pixels
+        self.prompt_logprobs = prompt_logprobs
+        self.prompt_unsent: list[TokenLogprob] | None = None
         self.row: Row | None = None
         self.generator: torch.Generator | None = None
         self.chunks: Iterator[torch.Tensor | None] | None = None
@@ -201,7 +205,11 @@ class Scheduler:
         if seq.params.counts_output:
             seq.counts = torch.zeros(engine.model.cfg.vocab_size, dtype=torch.int32, device=engine.device)
         self.cache.reset_row(slot)
-        seq.chunks = engine.prefill_chunks(self.cache.row(slot), seq.prompt, seq.pixels)
+        want = None
+        if seq.prompt_logprobs is not None:
+            seq.prompt_unsent = []
+            want = (seq.prompt_logprobs, seq.prompt_unsent)
+        seq.chunks = engine.prefill_chunks(self.cache.row(slot), seq.prompt, seq.pixels, want)
         self.prefilling = seq
 
     def _prefill_chunk(self) -> None:
@@ -269,8 +277,14 @@ class Scheduler:
         delta = row.delta()
         if row.done or delta:
             logprobs, seq.unsent = (seq.unsent, []) if seq.params.logprobs is not None else (None, [])
-            seq.on_event(Event(delta, len(row.ids), FINISH[row.reason] if row.done else None, logprobs=logprobs))
+            seq.on_event(Event(delta, len(row.ids), FINISH[row.reason] if row.done else None, logprobs=logprobs,
+                               prompt_logprobs=self._take_prompt_logprobs(seq)))
         return row.done
+
+    @staticmethod
+    def _take_prompt_logprobs(seq: Sequence) -> list[TokenLogprob] | None:
+        out, seq.prompt_unsent = seq.prompt_unsent, None
+        return out
 
     def _retire(self, seq: Sequence, reason: str | None) -> None:
         """Free a running sequence's row: the last running row moves into it, keeping [0, n) contiguous."""
@@ -287,6 +301,6 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         n = len(seq.row.ids) if seq.row is not None else 0
         try:
-            seq.on_event(Event("", n, reason, error))
+            seq.on_event(Event("", n, reason, error, prompt_logprobs=self._take_prompt_logprobs(seq)))
         except Exception:  # the receiver is gone: nothing left to tell
             log.debug("could not deliver the end of a sequence", exc_info=True)
