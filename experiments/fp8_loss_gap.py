@@ -10,13 +10,14 @@ docs/fp8.md quotes it with the machine and date.
 
 import argparse
 import json
-import platform
+import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from herd.info import cpu_name
 from herd.train.config import load_run_config
 from herd.train.trainer import Trainer
 
@@ -63,9 +64,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     a.results.parent.mkdir(parents=True, exist_ok=True)
-    a.results.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or
-                                     platform.machine(), "torch": torch.__version__, "steps": a.steps,
-                                     "runs": results, "table": table}, indent=1) + "\n")
+    a.results.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": f"{cpu_name()}, {os.cpu_count()} "
+                                     "cores", "torch": torch.__version__, "steps": a.steps, "runs": results,
+                                     "table": table}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
