@@ -38,7 +38,8 @@ def _params(args: argparse.Namespace):
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=args.stop or [])
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          logprobs=getattr(args, "logprobs", None), seed=args.seed, stop=args.stop or [])
 
 
 def _load(args: argparse.Namespace):
@@ -62,6 +63,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise HerdError("give a PROMPT (or --batch-file FILE with one prompt per line)")
     else:
         prompts = [args.prompt]
+    if args.logprobs is not None and not args.json:
+        raise HerdError("--logprobs goes into the --json output: add --json")
     if args.stream and len(prompts) > 1:
         raise HerdError("--stream shows one completion; it cannot be combined with --batch-file")
     images = args.image or []
@@ -85,8 +88,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         return
     for c in llm.engine.generate(ids, params, pixels):
         if args.json:
-            print(json.dumps({"prompt_ids": c.prompt_ids, "token_ids": c.token_ids, "text": c.text,
-                              "stop_reason": c.stop_reason}))
+            out = {"prompt_ids": c.prompt_ids, "token_ids": c.token_ids, "text": c.text, "stop_reason": c.stop_reason}
+            if c.logprobs is not None:
+                piece = lambda i: llm.tokenizer.decode_bytes([i]).decode("utf-8", errors="replace")  # noqa: E731
+                out["logprobs"] = [{"token": e.token, "text": piece(e.token), "logprob": e.logprob,
+                                    "top": [[i, piece(i), lp] for i, lp in e.top]} for e in c.logprobs]
+            print(json.dumps(out))
         else:
             print(c.text + ("\n" if len(prompts) > 1 else ""))
 
@@ -256,6 +263,8 @@ def _add_sampling_args(s: argparse.ArgumentParser, max_new_tokens: int) -> None:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--min-p", type=float, default=0.0)
     s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's: per token already generated")
+    s.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's: per time a token was generated")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
 
@@ -288,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "come before the text)")
     s.add_argument("--json", action="store_true",
                    help='print {"prompt_ids", "token_ids", "text", "stop_reason"} (one line per prompt)')
+    s.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="with --json: each generated token's logprob and the N most likely tokens")
     _add_sampling_args(s, 64)
     s.set_defaults(func=cmd_generate)
 

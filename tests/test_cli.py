@@ -65,6 +65,19 @@ def test_generate_chat_prompt_and_stop_token(capsys, tiny_dir, monkeypatch):
     assert out["text"] == tok.decode([11, 12])
 
 
+def test_generate_json_logprobs_and_penalties(capsys, tiny_dir):
+    out = _json(capsys, ["generate", str(tiny_dir), "Hello", "--max-new-tokens", "5", "--json", "--logprobs", "2"])
+    lps = out["logprobs"]
+    assert [e["token"] for e in lps] == out["token_ids"]
+    assert all(e["top"][0][0] == e["token"] and e["top"][0][2] == e["logprob"] <= 0 and len(e["top"]) == 2
+               for e in lps)  # greedy: the chosen token is the most likely
+    penalised = _json(capsys, ["generate", str(tiny_dir), "Hello", "--max-new-tokens", "8", "--json",
+                               "--presence-penalty", "100"])
+    assert len(set(penalised["token_ids"])) == len(penalised["token_ids"])
+    assert main(["generate", str(tiny_dir), "Hello", "--logprobs", "2"]) == 2
+    assert "--json" in capsys.readouterr().err
+
+
 def test_generate_sampling_is_seeded(capsys, tiny_dir):
     argv = ["generate", str(tiny_dir), "Seeds", "--temperature", "1.0", "--seed", "3", "--json",
             "--max-new-tokens", "6"]
