@@ -90,9 +90,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.json:
             out = {"prompt_ids": c.prompt_ids, "token_ids": c.token_ids, "text": c.text, "stop_reason": c.stop_reason}
             if c.logprobs is not None:
-                piece = lambda i: llm.tokenizer.decode_bytes([i]).decode("utf-8", errors="replace")  # noqa: E731
-                out["logprobs"] = [{"token": e.token, "text": piece(e.token), "logprob": e.logprob,
-                                    "top": [[i, piece(i), lp] for i, lp in e.top]} for e in c.logprobs]
+                text = llm.tokenizer.decode
+                out["logprobs"] = [{"token": e.token, "text": text([e.token]), "logprob": e.logprob,
+                                    "top": [[i, text([i]), lp] for i, lp in e.top]} for e in c.logprobs]
             print(json.dumps(out))
         else:
             print(c.text + ("\n" if len(prompts) > 1 else ""))

@@ -232,6 +232,12 @@ def test_logprobs_logit_bias_and_penalties(client, pico):
     assert lp.token_logprobs[1:len(ids)] == pytest.approx([logp[t, ids[t + 1]].item() for t in range(len(ids) - 1)],
                                                           abs=1e-4)
 
+    # a stop token has no logprob entry (it is not part of the content)
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=5, temperature=0, logprobs=True,
+                                       logit_bias={str(pico.tokenizer.eot_id): 100})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1
+    assert r.choices[0].message.content == "" and r.choices[0].logprobs.content == []
+
     forced = pico.encode(" sea")[-1]
     b = client.completions.create(model=NAME, prompt="ROMEO.", max_tokens=5, temperature=0.7, seed=1,
                                   logit_bias={str(forced): 100}, frequency_penalty=0.5)

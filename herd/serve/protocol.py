@@ -119,9 +119,6 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def refuse_unsupported(self) -> None:
-        pass
-
     @property
     def n_logprobs(self) -> int | None:
         """How many alternatives to report per token; None: no logprobs."""
@@ -270,17 +267,12 @@ def openai_tool_calls(calls: list[dict]) -> list[dict]:
             for c in calls]
 
 
-def _token(tokenizer, token_id: int) -> tuple[str, list[int]]:
-    raw = tokenizer.decode_bytes([token_id])
-    return raw.decode("utf-8", errors="replace"), list(raw)
-
-
 def chat_logprobs(entries: list[TokenLogprob], tokenizer) -> dict:
     """OpenAI chat ``logprobs``: each token's text, bytes (a token may hold part of a UTF-8 character) and
     logprob, with its top alternatives."""
     def item(token_id: int, logprob: float) -> dict:
-        text, raw = _token(tokenizer, token_id)
-        return {"token": text, "logprob": logprob, "bytes": raw}
+        return {"token": tokenizer.decode([token_id]), "logprob": logprob,
+                "bytes": list(tokenizer.decode_bytes([token_id]))}
 
     return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]}
                         for e in entries], "refusal": None}
@@ -293,10 +285,10 @@ def completion_logprobs(entries: list[TokenLogprob | int], tokenizer, offset: in
     tokens, offsets, logprobs, tops = [], [], [], []
     for e in entries:
         offsets.append(offset)
-        tokens.append(_token(tokenizer, e if isinstance(e, int) else e.token)[0])
+        tokens.append(tokenizer.decode([e if isinstance(e, int) else e.token]))
         offset += len(tokens[-1])
         logprobs.append(None if isinstance(e, int) else e.logprob)
-        tops.append(None if isinstance(e, int) else {_token(tokenizer, i)[0]: lp for i, lp in e.top})
+        tops.append(None if isinstance(e, int) else {tokenizer.decode([i]): lp for i, lp in e.top})
     return {"tokens": tokens, "token_logprobs": logprobs, "text_offset": offsets,
             "top_logprobs": tops if top else None}
 

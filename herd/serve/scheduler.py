@@ -69,7 +69,7 @@ class Sequence:
         self.prefilled = 0  # prompt tokens in the cache so far
         self.cancelled = False
         self.counts: torch.Tensor | None = None  # [V] times each token was generated (presence/frequency penalty)
-        self.unsent: list[TokenLogprob] = []  # logprobs not yet in an event
+        self.logprobs_sent = 0  # row.logprobs already in an event
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
 
@@ -259,24 +259,26 @@ class Scheduler:
                 counts = seq.counts[None] if seq.counts is not None else None
                 out[b] = sample(logits_BV[b:b + 1], p, generator=seq.generator, counts_BV=counts).item()
             if p.logprobs is not None:
-                logprobs[b] = token_logprobs(logits_BV[b:b + 1], logits_BV.new_tensor([out[b]], dtype=torch.long), p.logprobs)[0]
+                chosen = torch.tensor([out[b]], device=logits_BV.device)
+                logprobs[b] = token_logprobs(logits_BV[b:b + 1], chosen, p.logprobs)[0]
         return list(zip(out, logprobs))
 
     def _push(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Record a sampled token and report the new text; True when the sequence is done."""
         row = seq.row
-        row.push(token)
+        row.push(token, logprob)
         seq.pending = token
         if seq.counts is not None:
             seq.counts[token] += 1
-        if logprob is not None and row.reason != "stop_token":
-            seq.unsent.append(logprob)
         self.stats.generated_tokens += 1
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         delta = row.delta()
         if row.done or delta:
-            logprobs, seq.unsent = (seq.unsent, []) if seq.params.logprobs is not None else (None, [])
+            logprobs = None
+            if row.logprobs is not None:  # those since the last event, but a stop token's
+                end = len(row.logprobs) - (row.reason == "stop_token")
+                logprobs, seq.logprobs_sent = row.logprobs[seq.logprobs_sent:end], end
             seq.on_event(Event(delta, len(row.ids), FINISH[row.reason] if row.done else None, logprobs=logprobs,
                                prompt_logprobs=self._take_prompt_logprobs(seq)))
         return row.done

@@ -131,10 +131,11 @@ class _Fp8GroupedMM(torch.autograd.Function):
         r = ctx.recipe
         q = functools.partial(quantize_dequantize, pow2=r.pow2_scales)
         w_dim = -2 if r.rowwise else (-2, -1)  # contracted over the output channels now
-        g8, x8 = (None, None) if r.rowwise else (q(g, r.grad_dtype), q(x, E4M3))
+        g_rows = q(g, r.grad_dtype, r.dim(-1))  # per token, or (tensorwise) the whole tensor
+        g8, x8 = (None, None) if r.rowwise else (g_rows, q(x, E4M3))
         grad_w, start = torch.zeros(w.shape, dtype=torch.float32, device=w.device), 0
         with _fp32_matmuls(x):
-            grad_x = grouped_mm(q(g, r.grad_dtype, r.dim(-1)), q(w, E4M3, w_dim).transpose(-2, -1), offsets_E)
+            grad_x = grouped_mm(g_rows, q(w, E4M3, w_dim).transpose(-2, -1), offsets_E)
             for e, end in enumerate(offsets_E.tolist()):
                 if end > start:  # rowwise: the group's own column scales over its tokens
                     g_e = g8[start:end] if g8 is not None else q(g[start:end], r.grad_dtype, 0)
