@@ -127,6 +127,17 @@ def test_apply_fp8_targets():
         apply_fp8(_model(), "e4m3")
 
 
+def test_backend_choice():
+    from herd.train.fp8 import uses_torchao
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert not uses_torchao("auto", cpu) and uses_torchao("torchao", cpu) and not uses_torchao("emulate", gpu)
+    assert uses_torchao("auto", gpu, (9, 0)) and uses_torchao("torchao", gpu, (8, 9))
+    assert not uses_torchao("auto", gpu, (8, 0))  # A100: no FP8 tensor cores, so emulate
+    with pytest.raises(ValueError, match="compute capability 8.9"):
+        uses_torchao("torchao", gpu, (8, 0))
+
+
 def _loss_and_grads(model, tokens):
     logits = model(tokens[:, :-1])
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())

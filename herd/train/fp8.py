@@ -18,7 +18,8 @@ Backends:
   ``torch._scaled_mm`` (FP8 tensor cores on Hopper; a reference kernel on CPU, so the path is tested here);
 * ``emulate``: every targeted matmul quantises and dequantises its operands with the scales above and multiplies in
   fp32, as the FP8 kernels accumulate. It matches the torchao backend up to summation order (tests/test_fp8.py);
-* ``auto`` (the default): torchao on CUDA when it is installed, the emulation elsewhere.
+* ``auto`` (the default): torchao on a CUDA GPU with FP8 tensor cores (Ada, Hopper) when torchao is installed,
+  the emulation elsewhere.
 
 Routed experts always use the emulation: torchao's FP8 grouped matmul is a Triton-only prototype.
 Kept in high precision, as torchao and Meta do: the embedding, the LM head, the router, norms, the vision tower,
@@ -169,19 +170,36 @@ def _torchao_float8():
     return Float8LinearConfig, convert_to_float8_training
 
 
+def uses_torchao(backend: str, device: torch.device, capability: tuple[int, int] | None = None) -> bool:
+    """Whether ``backend`` means torchao's Float8Linear on ``device``. FP8 tensor cores start at compute
+    capability 8.9 (Ada, Hopper): ``auto`` emulates below it, and an explicit ``torchao`` there is an error
+    now rather than a kernel failure at the first step. ``capability``: the GPU's, when known."""
+    if backend not in BACKENDS:
+        raise ValueError(f"fp8 backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "emulate":
+        return False
+    if device.type == "cuda":
+        capability = capability or torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            if backend == "torchao":
+                raise ValueError(f"fp8 backend 'torchao' needs FP8 tensor cores (compute capability 8.9+: Ada, "
+                                 f"Hopper); this GPU is {capability[0]}.{capability[1]}: use backend 'emulate'")
+            return False
+    elif backend == "auto":
+        return False  # on CPU the emulation is the faster of the two
+    try:
+        _torchao_float8()
+    except ImportError:
+        if backend == "torchao":
+            raise
+        return False
+    return True
+
+
 def apply_fp8(model: nn.Module, recipe: str = "tensorwise", backend: str = "auto") -> list[str]:
     """Make the model's attention, FFN and expert matmuls FP8 (see the module doc); return the converted names."""
     r = Fp8Recipe.of(recipe)
-    if backend not in BACKENDS:
-        raise ValueError(f"fp8 backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        on_cuda = next(model.parameters()).device.type == "cuda"
-        try:
-            use_torchao = on_cuda and bool(_torchao_float8())
-        except ImportError:
-            use_torchao = False
-    else:
-        use_torchao = backend == "torchao"
+    use_torchao = uses_torchao(backend, next(model.parameters()).device)
 
     def wanted(name: str, m: nn.Module) -> bool:
         return (isinstance(m, nn.Linear) and _fp8_ok(m) and not name.startswith("vision.")
