@@ -16,8 +16,9 @@ Backends:
 
 * ``torchao``: the attention / FFN / shared-expert linears become torchao ``Float8Linear``, which calls
   ``torch._scaled_mm`` (FP8 tensor cores on Hopper; a reference kernel on CPU, so the path is tested here);
-* ``emulate``: every targeted matmul quantises and dequantises its operands with the scales above and multiplies in
-  fp32, as the FP8 kernels accumulate. It matches the torchao backend up to summation order (tests/test_fp8.py);
+* ``emulate``: every targeted matmul quantises and dequantises its operands with the scales above and multiplies
+  them with fp32 accumulation, as the FP8 kernels do: in bf16 when the scales are powers of 2 and the output is
+  bf16 (exact there), else in fp32. It matches the torchao backend up to summation order (tests/test_fp8.py);
 * ``auto`` (the default): torchao on a CUDA GPU with FP8 tensor cores (Ada, Hopper) when torchao is installed,
   the emulation elsewhere.
 
@@ -80,15 +81,29 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-def _cast_out(y_fp32: torch.Tensor, dtype: torch.dtype, r: Fp8Recipe) -> torch.Tensor:
+def _cast_out(y: torch.Tensor, dtype: torch.dtype, r: Fp8Recipe) -> torch.Tensor:
     if r.rowwise and dtype != torch.bfloat16:
-        y_fp32 = y_fp32.to(torch.bfloat16)  # as torchao: rowwise torch._scaled_mm has no fp32/fp16 output
-    return y_fp32.to(dtype)
+        y = y.to(torch.bfloat16)  # as torchao: rowwise torch._scaled_mm has no fp32/fp16 output
+    return y.to(dtype)
 
 
-def _fp32_matmuls(x: torch.Tensor):
-    """FP8 kernels accumulate in fp32: keep autocast from rounding the dequantised operands to bf16."""
+def _no_autocast(x: torch.Tensor):
+    """The operands' dtype is chosen here (_compute_dtype), not by autocast."""
     return torch.autocast(x.device.type, enabled=False)
+
+
+def _compute_dtype(r: Fp8Recipe, out_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the dequantised operands are multiplied in. An FP8 value times a power-of-2 scale is exact in
+    bf16 (3 mantissa bits of 7, the same exponent range as fp32), and bf16 matmuls accumulate in fp32, so with
+    power-of-2 scales and a bf16 output a bf16 matmul gives the FP8 kernel's result, at bf16 speed (on a GPU,
+    tensor cores instead of fp32 for the routed experts). Otherwise fp32."""
+    return torch.bfloat16 if r.pow2_scales and out_dtype == torch.bfloat16 else torch.float32
+
+
+def _quantizer(r: Fp8Recipe, out_dtype: torch.dtype):
+    """quantize_dequantize with the recipe's scales, giving operands in the compute dtype."""
+    dtype = _compute_dtype(r, out_dtype)
+    return lambda t, fp8, dim=None: quantize_dequantize(t, fp8, dim, r.pow2_scales).to(dtype)
 
 
 class _Fp8Linear(torch.autograd.Function):
@@ -96,8 +111,8 @@ class _Fp8Linear(torch.autograd.Function):
     def forward(ctx, x, w, recipe: Fp8Recipe, out_dtype: torch.dtype):
         ctx.save_for_backward(x, w)
         ctx.recipe = recipe
-        q = functools.partial(quantize_dequantize, pow2=recipe.pow2_scales)
-        with _fp32_matmuls(x):
+        q = _quantizer(recipe, out_dtype)
+        with _no_autocast(x):
             y = q(x.reshape(-1, x.shape[-1]), E4M3, recipe.dim(-1)) @ q(w, E4M3, recipe.dim(-1)).T
         return _cast_out(y, out_dtype, recipe).reshape(*x.shape[:-1], w.shape[0])
 
@@ -105,9 +120,9 @@ class _Fp8Linear(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         r = ctx.recipe
-        q = functools.partial(quantize_dequantize, pow2=r.pow2_scales)
+        q = _quantizer(r, g.dtype)
         g_TN, x_TK = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-        with _fp32_matmuls(x):
+        with _no_autocast(x):
             grad_x = q(g_TN, r.grad_dtype, r.dim(-1)) @ q(w, E4M3, r.dim(0))
             grad_w = q(g_TN, r.grad_dtype, r.dim(0)).T @ q(x_TK, E4M3, r.dim(0))
         # in g's dtype, as the kernels write them; autograd casts to x's and w's
@@ -121,21 +136,21 @@ class _Fp8GroupedMM(torch.autograd.Function):
     def forward(ctx, x, w, offsets_E, recipe: Fp8Recipe, out_dtype: torch.dtype):
         ctx.save_for_backward(x, w, offsets_E)
         ctx.recipe = recipe
-        q = functools.partial(quantize_dequantize, pow2=recipe.pow2_scales)
+        q = _quantizer(recipe, out_dtype)
         w_dim = -1 if recipe.rowwise else (-2, -1)  # per expert and output channel / per expert
-        with _fp32_matmuls(x):
+        with _no_autocast(x):
             return grouped_mm(q(x, E4M3, recipe.dim(-1)), q(w, E4M3, w_dim), offsets_E).to(out_dtype)
 
     @staticmethod
     def backward(ctx, g):
         x, w, offsets_E = ctx.saved_tensors
         r = ctx.recipe
-        q = functools.partial(quantize_dequantize, pow2=r.pow2_scales)
+        q = _quantizer(r, g.dtype)
         w_dim = -2 if r.rowwise else (-2, -1)  # contracted over the output channels now
         g_rows = q(g, r.grad_dtype, r.dim(-1))  # per token, or (tensorwise) the whole tensor
         g8, x8 = (None, None) if r.rowwise else (g_rows, q(x, E4M3))
-        grad_w, start = torch.zeros(w.shape, dtype=torch.float32, device=w.device), 0
-        with _fp32_matmuls(x):
+        grad_w, start = torch.zeros(w.shape, dtype=_compute_dtype(r, g.dtype), device=w.device), 0
+        with _no_autocast(x):
             grad_x = grouped_mm(g_rows, q(w, E4M3, w_dim).transpose(-2, -1), offsets_E)
             for e, end in enumerate(offsets_E.tolist()):
                 if end > start:  # rowwise: the group's own column scales over its tokens
