@@ -8,7 +8,8 @@ import torch
 from conftest import text_recipe
 from herd.config import preset
 from herd.model import Transformer
-from herd.train.fp8 import E4M3, E5M2, apply_fp8, fp8_grouped_mm, fp8_linear, quantize_dequantize
+from herd.train.fp8 import (E4M3, E5M2, Fp8Experts, Fp8Linear, apply_fp8, fp8_grouped_mm, fp8_linear,
+                            quantize_dequantize)
 
 torchao_float8 = pytest.importorskip("torchao.float8")
 
@@ -117,7 +118,11 @@ def _model():
 
 def test_apply_fp8_targets():
     model = _model()
+    before = dict(model.named_parameters())
     names = apply_fp8(model, "tensorwise", backend="emulate")
+    # a class swap: the same parameter objects under the same names (optimizer, FSDP and DCP see no change)
+    assert [(n, id(p)) for n, p in model.named_parameters()] == [(n, id(p)) for n, p in before.items()]
+    assert {n for n, m in model.named_modules() if isinstance(m, (Fp8Linear, Fp8Experts))} == set(names)
     assert "layers.0.self_attn.q_proj" in names and "layers.0.feed_forward.experts" in names
     assert any("shared_expert" in n for n in names)
     assert "lm_head" not in names and not any("router" in n or "embed" in n for n in names)
@@ -191,7 +196,7 @@ def test_recipe_switch(tmp_path):
 
     recipe = text_recipe(tmp_path, train={"fp8": "rowwise", "dtype": "bf16"})
     trainer = Trainer(from_dict(recipe), progress=False)
-    assert type(trainer.model.layers[0].self_attn.q_proj.forward).__name__ == "partial"  # auto on CPU: emulated
+    assert type(trainer.model.layers[0].self_attn.q_proj) is Fp8Linear  # auto on CPU: emulated
     assert trainer.fit()["loss"] > 0
     recipe["train"].update(fp8_backend="torchao", out_dir=str(tmp_path / "torchao"))
     trainer = Trainer(from_dict(recipe), progress=False)

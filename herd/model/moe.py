@@ -9,6 +9,7 @@ cost follows the active parameters.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from herd.config import ModelConfig
 from herd.model.ffn import FeedForward
@@ -136,11 +137,13 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
 
-    def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor,
-                weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """``weights``: (gate_up, down) to use instead of the parameters (expert parallelism passes its rank's
-        local shards)."""
-        gate_up, down = weights or (self.gate_up_proj, self.down_proj)
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) as this process holds them: under expert parallelism the parameters are DTensors
+        sharded on the expert dim, and this rank multiplies its own experts' rows with its shards."""
+        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.gate_up_proj, self.down_proj))
+
+    def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self.local_weights()
         gate, up = grouped_mm(x_ND, gate_up, offsets_E).chunk(2, dim=-1)
         return grouped_mm(F.silu(gate) * up, down, offsets_E)
 

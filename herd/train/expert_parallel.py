@@ -3,7 +3,8 @@ travels to the rank that holds its expert and back, with one all-to-all each way
 
 Applied to a built model from outside. Each ``Experts`` module's two weights become DTensors sharded on the
 expert dim over the EP mesh, so state dicts keep their global names and shapes (a DCP checkpoint reshards to
-any rank count), and the module's forward is wrapped with the exchange:
+any rank count). ``Experts.forward`` multiplies with the local shards; a forward pre-hook and a forward hook on
+the module do the exchange around it, as torchtitan's ExpertParallel does:
 
     rows sorted by global expert (MoE dispatch) --all-to-all--> rows of this rank's experts, from every rank
     --sort by local expert--> grouped SwiGLU on the local shards --unsort--> --all-to-all back--> original order
@@ -15,8 +16,6 @@ normalised by the global token count, which the trainer does.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.distributed as dist
@@ -32,8 +31,9 @@ _LEAVES = ("gate_up_proj", "down_proj")
 
 
 def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
-    """Shard every ``Experts`` module of ``model`` over ``mesh`` (1-D). Returns the sharded parameters (FSDP
-    must leave them alone: pass them as ``ignored``). Every rank must hold the same full weights before."""
+    """Shard every ``Experts`` module of ``model`` over ``mesh`` (1-D) and hook the exchange around it. Returns
+    the sharded parameters (FSDP must leave them alone: pass them as ``ignored``). Every rank must hold the same
+    full weights before."""
     ep, rank = mesh.size(), mesh.get_local_rank()
     sharded = []
     for name, m in model.named_modules():
@@ -50,7 +50,9 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> list[nn.Paramet
                              requires_grad=full.requires_grad)
             setattr(m, leaf, p)
             sharded.append(p)
-        m.forward = functools.partial(_forward, m, m.forward, mesh.get_group(), ep, n_local)
+        exchange = _Exchange(mesh.get_group(), ep, n_local)
+        m.register_forward_pre_hook(exchange.dispatch)
+        m.register_forward_hook(exchange.combine)
     return sharded
 
 
@@ -61,19 +63,31 @@ def _all_to_all(x: torch.Tensor, out_rows: list[int], in_rows: list[int], group)
     return funcol.wait_tensor(out).to(x.dtype)
 
 
-def _forward(m: Experts, compute, group, ep: int, n_local: int, x_ND: torch.Tensor,
-             offsets_E: torch.Tensor) -> torch.Tensor:
-    """x [N, D] sorted by global expert, offsets [E] cumulative row counts -> [N, D] in the same order."""
-    counts_E = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1, dtype=torch.long))
-    recv_counts = torch.empty_like(counts_E)
-    dist.all_to_all_single(recv_counts, counts_E, group=group)  # n_local counts to each rank, n_local back
-    recv_SL = recv_counts.view(ep, n_local)  # rows from source rank s for local expert l
-    send_rows = counts_E.view(ep, n_local).sum(1).tolist()
-    recv_rows = recv_SL.sum(1).tolist()
-    rows_RD = _all_to_all(x_ND, recv_rows, send_rows, group)  # ordered by (source rank, local expert)
-    expert_R = torch.repeat_interleave(torch.arange(n_local).repeat(ep), recv_SL.flatten())
-    order = torch.argsort(expert_R, stable=True)
-    local_offsets = torch.cumsum(recv_SL.sum(0), 0, dtype=torch.int32)
-    local = (m.gate_up_proj.to_local(), m.down_proj.to_local())
-    out_RD = compute(rows_RD[order], local_offsets, weights=local)[torch.argsort(order)]
-    return _all_to_all(out_RD, send_rows, recv_rows, group)
+class _Exchange:
+    """The hooks around one ``Experts`` module. ``dispatch`` turns its input (rows sorted by global expert,
+    cumulative counts per global expert) into this rank's experts' rows from every rank, sorted by local expert,
+    with local offsets; ``combine`` sends the results back and restores the original row order. The routing
+    between the two is kept here: one forward at a time per module (an activation-checkpoint recompute runs
+    both hooks again, in order)."""
+
+    def __init__(self, group, ep: int, n_local: int):
+        self.group, self.ep, self.n_local = group, ep, n_local
+        self.route: tuple[torch.Tensor, list[int], list[int]] | None = None
+
+    def dispatch(self, m: nn.Module, args: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x_ND, offsets_E = args
+        counts_E = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1, dtype=torch.long))
+        recv_counts = torch.empty_like(counts_E)
+        dist.all_to_all_single(recv_counts, counts_E, group=self.group)  # n_local counts to each rank and back
+        recv_SL = recv_counts.view(self.ep, self.n_local)  # rows from source rank s for local expert l
+        send_rows = counts_E.view(self.ep, self.n_local).sum(1).tolist()
+        recv_rows = recv_SL.sum(1).tolist()
+        rows_RD = _all_to_all(x_ND, recv_rows, send_rows, self.group)  # ordered by (source rank, local expert)
+        expert_R = torch.repeat_interleave(torch.arange(self.n_local).repeat(self.ep), recv_SL.flatten())
+        order = torch.argsort(expert_R, stable=True)
+        self.route = (order, send_rows, recv_rows)
+        return rows_RD[order], torch.cumsum(recv_SL.sum(0), 0, dtype=torch.int32)
+
+    def combine(self, m: nn.Module, args, out_RD: torch.Tensor) -> torch.Tensor:
+        (order, send_rows, recv_rows), self.route = self.route, None
+        return _all_to_all(out_RD[torch.argsort(order)], send_rows, recv_rows, self.group)

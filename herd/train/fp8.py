@@ -29,7 +29,6 @@ and any linear whose dims are not multiples of 16 (FP8 kernels need them).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -106,7 +105,7 @@ def _quantizer(r: Fp8Recipe, out_dtype: torch.dtype):
     return lambda t, fp8, dim=None: quantize_dequantize(t, fp8, dim, r.pow2_scales).to(dtype)
 
 
-class _Fp8Linear(torch.autograd.Function):
+class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, recipe: Fp8Recipe, out_dtype: torch.dtype):
         ctx.save_for_backward(x, w)
@@ -129,7 +128,7 @@ class _Fp8Linear(torch.autograd.Function):
         return _cast_out(grad_x, g.dtype, r).reshape(x.shape), _cast_out(grad_w, g.dtype, r), None, None
 
 
-class _Fp8GroupedMM(torch.autograd.Function):
+class _Fp8GroupedMMFn(torch.autograd.Function):
     """x [T, K] sorted by expert, w [E, N, K] (out x in), offsets_E the cumulative group ends."""
 
     @staticmethod
@@ -163,13 +162,13 @@ class _Fp8GroupedMM(torch.autograd.Function):
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, recipe: str | Fp8Recipe = "tensorwise") -> torch.Tensor:
     r = recipe if isinstance(recipe, Fp8Recipe) else Fp8Recipe.of(recipe)
-    return _Fp8Linear.apply(x, w, r, _out_dtype(x))
+    return _Fp8LinearFn.apply(x, w, r, _out_dtype(x))
 
 
 def fp8_grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor,
                    recipe: str | Fp8Recipe = "tensorwise") -> torch.Tensor:
     r = recipe if isinstance(recipe, Fp8Recipe) else Fp8Recipe.of(recipe)
-    return _Fp8GroupedMM.apply(x_TK, w_ENK, offsets_E, r, _out_dtype(x_TK))
+    return _Fp8GroupedMMFn.apply(x_TK, w_ENK, offsets_E, r, _out_dtype(x_TK))
 
 
 def _fp8_ok(m: nn.Linear) -> bool:
@@ -211,13 +210,39 @@ def uses_torchao(backend: str, device: torch.device, capability: tuple[int, int]
     return True
 
 
+class Fp8Linear(nn.Linear):
+    """nn.Linear with the emulated FP8 matmul. Made by swapping a built Linear's class (``to_fp8``), so its
+    parameters, their names and their identity are the Linear's own."""
+    recipe: Fp8Recipe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8_linear(x, self.weight, self.recipe)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class Fp8Experts(Experts):
+    """Experts with the emulated FP8 grouped matmuls; made by a class swap like Fp8Linear."""
+    recipe: Fp8Recipe
+
+    def forward(self, x_TK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        gate_up_ENK, down_ENK = self.local_weights()
+        gate, up = fp8_grouped_mm(x_TK, gate_up_ENK, offsets_E, self.recipe).chunk(2, dim=-1)
+        return fp8_grouped_mm(torch.nn.functional.silu(gate) * up, down_ENK, offsets_E, self.recipe)
+
+
+def to_fp8(m: nn.Linear | Experts, recipe: Fp8Recipe) -> None:
+    """Swap ``m`` in place to its FP8 subclass: the recipe first, so the new forward never runs without it."""
+    m.recipe = recipe
+    m.__class__ = Fp8Experts if isinstance(m, Experts) else Fp8Linear
+
+
 def apply_fp8(model: nn.Module, recipe: str = "tensorwise", backend: str = "auto") -> list[str]:
     """Make the model's attention, FFN and expert matmuls FP8 (see the module doc); return the converted names."""
     r = Fp8Recipe.of(recipe)
     use_torchao = uses_torchao(backend, next(model.parameters()).device)
 
     def wanted(name: str, m: nn.Module) -> bool:
-        return (isinstance(m, nn.Linear) and _fp8_ok(m) and not name.startswith("vision.")
+        return (type(m) is nn.Linear and _fp8_ok(m) and not name.startswith("vision.")
                 and name != "lm_head" and not name.endswith("router"))
 
     converted = [name for name, m in model.named_modules() if wanted(name, m) or type(m) is Experts]
@@ -225,20 +250,6 @@ def apply_fp8(model: nn.Module, recipe: str = "tensorwise", backend: str = "auto
         config, convert = _torchao_float8()
         convert(model, config=config.from_recipe_name(recipe), module_filter_fn=lambda m, name: wanted(name, m))
     for name, m in model.named_modules():
-        if type(m) is Experts:
-            m.forward = functools.partial(_emulated_experts_forward, m, r)
-        elif not use_torchao and wanted(name, m):
-            m.forward = functools.partial(_emulated_linear_forward, m, r)
+        if type(m) is Experts or (not use_torchao and wanted(name, m)):
+            to_fp8(m, r)
     return converted
-
-
-def _emulated_linear_forward(m: nn.Linear, r: Fp8Recipe, x: torch.Tensor) -> torch.Tensor:
-    y = fp8_linear(x, m.weight, r)
-    return y if m.bias is None else y + m.bias.to(y.dtype)
-
-
-def _emulated_experts_forward(m: Experts, r: Fp8Recipe, x_ND: torch.Tensor, offsets_E: torch.Tensor,
-                              weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    gate_up, down = weights or (m.gate_up_proj, m.down_proj)
-    gate, up = fp8_grouped_mm(x_ND, gate_up, offsets_E, r).chunk(2, dim=-1)
-    return fp8_grouped_mm(torch.nn.functional.silu(gate) * up, down, offsets_E, r)
