@@ -32,7 +32,7 @@ from report import append_results, describe  # noqa: E402
 def herd_step_fn(cfg, dtype: str, activation_checkpointing: bool = False):
     from herd.model import Transformer
     from herd.train.losses import cross_entropy, load_balancing_loss
-    from herd.train.trainer import apply_activation_checkpointing
+    from herd.train.parallelize import apply_activation_checkpointing
 
     torch.manual_seed(0)
     model = Transformer(cfg)

@@ -150,10 +150,12 @@ def test_layout_errors_name_the_setting(tmp_path):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 def test_train_two_ranks_with_torchao_fp8(tmp_path):
-    """FSDP2 + expert parallelism with torchao Float8Linear (rowwise) gives the single-process FP8 losses. Not to
-    summation order: grad_w's column scales span each rank's tokens, not the whole batch (measured 1.5e-4)."""
+    """Every transform of parallelize at once: torchao Float8Linear (rowwise), FP8 experts, activation
+    checkpointing, expert parallelism and FSDP2 give the single-process losses. Not to summation order: grad_w's
+    column scales span each rank's tokens, not the whole batch (measured 1.5e-4)."""
     pytest.importorskip("torchao.float8")
-    path = _two_rank_recipe(tmp_path, steps=3, ckpt_every=3, fp8="rowwise", fp8_backend="torchao")
+    path = _two_rank_recipe(tmp_path, steps=3, ckpt_every=3, fp8="rowwise", fp8_backend="torchao",
+                            activation_checkpointing=True)
     _train_two_ranks(path, tmp_path / "two")
     Trainer(load_run_config(path, ["--train.out_dir", str(tmp_path / "one")]), progress=False).fit()
     expected, got = _run_losses(tmp_path / "one"), _run_losses(tmp_path / "two")

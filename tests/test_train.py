@@ -21,10 +21,12 @@ from herd.errors import ConfigError
 from herd.model import Transformer
 from herd.model.moe import MoE
 from herd.tokenizer import Tokenizer
-from herd.train import checkpointing
+from herd.train import run_state
 from herd.train.bpe import train_bpe
-from herd.train.config import OptimSpec, from_dict, load_run_config, to_toml
+from herd.train.config import OptimSpec, TrainSpec, from_dict, load_run_config, to_toml
+from herd.train.distributed import World
 from herd.train.losses import cross_entropy, expert_load, load_balancing_loss
+from herd.train.parallelize import parallelize
 from herd.train.schedule import lr_at
 from herd.train.trainer import Trainer
 
@@ -211,6 +213,27 @@ def test_doc_ids_with_cache_is_an_error():
         model(torch.zeros(1, 2, dtype=torch.long), cache=cache, doc_ids=torch.zeros(1, 2, dtype=torch.long))
 
 
+
+def test_activation_checkpointing_recomputes_the_same_step():
+    """parallelize's activation checkpointing: the plain model's state dict names, loss and gradients, while
+    autograd keeps a fraction of the tensors (each block's inputs; the rest is recomputed in the backward)."""
+    tokens = torch.randint(0, 97, (2, 33), generator=torch.Generator().manual_seed(1))
+
+    def step(checkpointed: bool) -> tuple[list[str], torch.Tensor, list[torch.Tensor], int]:
+        torch.manual_seed(0)
+        model = parallelize(Transformer(preset("tiny").replace(vocab_size=97)),
+                            TrainSpec(activation_checkpointing=checkpointed), World())
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            loss, _ = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+        loss.backward()
+        return list(model.state_dict()), loss, [p.grad for p in model.parameters()], len(saved)
+
+    (names, loss, grads, n_saved), (names_ac, loss_ac, grads_ac, n_saved_ac) = step(False), step(True)
+    assert names_ac == names and torch.equal(loss_ac, loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads_ac, grads))
+    assert n_saved_ac < n_saved / 2, (n_saved_ac, n_saved)
+
 # -- the loop ----------------------------------------------------------------------------------------------------
 def test_resume_is_exact(tmp_path, corpus):
     """Stop at step 3 (checkpoint), resume in a new Trainer: steps 4-6 have bitwise the losses of a run that
@@ -220,7 +243,7 @@ def test_resume_is_exact(tmp_path, corpus):
     whole.fit()
     first = Trainer(from_dict(_recipe(corpus, tmp_path / "b", **opts, steps=3)), progress=False)
     first.fit()
-    assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_00000003"]
+    assert [p.name for p in run_state.list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_00000003"]
     resumed = Trainer(from_dict(_recipe(corpus, tmp_path / "b", **opts)), resume=True, progress=False)
     assert resumed.step == 3
     resumed.fit()
@@ -284,21 +307,21 @@ def test_export_loads_in_herd_and_transformers(tmp_path, corpus):
 _KILLED_SAVE = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from herd.train import checkpointing
+    from herd.train import run_state
     from herd.train.config import from_dict
     from herd.train.trainer import Trainer
 
     recipe, marker = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
     trainer = Trainer(from_dict(recipe), progress=False)
     trainer.fit()  # steps 1-2, checkpoint at step 2
-    real_fsync = checkpointing._fsync_tree
+    real_fsync = run_state._fsync_tree
 
     def stall(root):  # every file of the new checkpoint is written; now wait to be killed before the rename
         real_fsync(root)
         marker.write_text(str(root))
         time.sleep(120)
 
-    checkpointing._fsync_tree = stall
+    run_state._fsync_tree = stall
     trainer.cfg.train.steps = 4
     trainer.fit()
 """)
@@ -322,14 +345,14 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, corpus):
         proc.kill()
     root = tmp_path / "run" / "checkpoints"
     assert Path(marker.read_text()).exists()  # the half-made checkpoint is there...
-    assert [p.name for p in checkpointing.list_checkpoints(root)] == ["step_00000002"]  # ...but not listed
+    assert [p.name for p in run_state.list_checkpoints(root)] == ["step_00000002"]  # ...but not listed
     model = checkpoint.load(root / "step_00000002" / "model")
     assert isinstance(model, Transformer)
     with pytest.warns(UserWarning, match="unfinished checkpoint"):
         trainer = Trainer(from_dict(_recipe(corpus, tmp_path / "run", steps=4)), resume=True, progress=False)
     assert trainer.step == 2 and not Path(marker.read_text()).exists()
     trainer.fit()
-    assert checkpointing.latest(root).name == "step_00000004"
+    assert run_state.latest(root).name == "step_00000004"
 
 
 # -- tokenizer ---------------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ of ranks.
 from __future__ import annotations
 
 import contextlib
-import functools
 import glob
 import hashlib
 import json
@@ -38,7 +37,6 @@ from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
 
 from herd import checkpoint
@@ -46,25 +44,17 @@ from herd.config import ModelConfig, load_config, preset
 from herd.errors import ConfigError, HerdError
 from herd.model.transformer import Transformer
 from herd.tokenizer import Tokenizer
-from herd.train import checkpointing
+from herd.train import run_state as checkpointing
 from herd.train.bpe import read_texts, train_bpe
 from herd.train.config import RunConfig, SourceSpec, to_toml
 from herd.images import ImageConfig
-from herd.train.fp8 import apply_fp8
 from herd.train.data import INDEX_FILE, PackedLoader, TokenShards, tokenize_to_shards
-from herd.train.distributed import apply_fsdp, init_distributed, rank_rows
-from herd.train.expert_parallel import apply_expert_parallel
+from herd.train.distributed import init_distributed, rank_rows
 from herd.train.image_text import ImageTextSet, tokenize_image_text
 from herd.train.losses import cross_entropy, expert_load, load_balancing_loss
 from herd.train.metap import init_metap, param_groups
+from herd.train.parallelize import parallelize
 from herd.train.schedule import lr_at
-
-
-def apply_activation_checkpointing(model: Transformer) -> None:
-    """Recompute each block's activations in the backward pass instead of keeping them (a transform from
-    outside the model: parameter names and the state dict are unchanged)."""
-    for block in model.layers:
-        block.forward = functools.partial(activation_checkpoint, block.forward, use_reentrant=False)
 
 
 def expand_files(cfg: RunConfig, spec: SourceSpec) -> list[Path]:
@@ -127,13 +117,7 @@ class Trainer:
         if cfg.metap.enabled and ckpt is None and not cfg.model.init_from:
             init_metap(self.model, cfg.metap)
         self.model.train()
-        if t.fp8:
-            apply_fp8(self.model, t.fp8, t.fp8_backend)
-        if t.activation_checkpointing:
-            apply_activation_checkpointing(self.model)
-        if self.world.size > 1:  # every rank holds the same full weights here; now each keeps its shards
-            experts = apply_expert_parallel(self.model, self.world.mesh) if t.ep > 1 else []
-            apply_fsdp(self.model, self.world.mesh, ignored=experts, sum_gradients=True)
+        parallelize(self.model, t, self.world)  # every rank holds the same full weights here
         self.optimizer = self._optimizer()
         self.step, self.resumed_from, self.train_time = 0, ckpt, 0.0
         if ckpt is not None:
