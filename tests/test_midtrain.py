@@ -6,7 +6,7 @@ import torch
 
 from conftest import text_recipe
 from herd.errors import ConfigError
-from herd.train import checkpointing
+from herd.train import run_state
 from herd.train.config import load_run_config, to_toml
 from herd.train.trainer import Trainer
 
@@ -37,7 +37,7 @@ def _mid(tmp_path, pretrained, model=None, min_tokens=64, steps=2):
 
 
 def test_midtraining_continues_a_run_at_a_longer_length(tmp_path, pretrained):
-    ckpt = checkpointing.latest(pretrained / "checkpoints")
+    ckpt = run_state.latest(pretrained / "checkpoints")
     before = Trainer(load_run_config(tmp_path / "pre.toml"), resume=True, progress=False)
     mid = Trainer(_mid(tmp_path, pretrained), progress=False)
     assert mid.model_cfg.rope_theta == 1e6 and before.model_cfg.rope_theta != 1e6
@@ -51,7 +51,7 @@ def test_midtraining_continues_a_run_at_a_longer_length(tmp_path, pretrained):
     assert resumed.step == 2 and resumed.model_cfg.rope_theta == 1e6
     resumed.fit()
     assert resumed.step == 3
-    assert checkpointing.latest(pretrained / "checkpoints") == ckpt  # the pretraining run is untouched
+    assert run_state.latest(pretrained / "checkpoints") == ckpt  # the pretraining run is untouched
 
 
 def test_midtraining_cannot_reshape_the_model(tmp_path, pretrained):

@@ -1,5 +1,5 @@
-"""Training checkpoints: everything a run needs to continue exactly, written so that a crash never costs more
-than the checkpoint being written.
+"""A training run's checkpoints: everything a run needs to continue exactly, written so that a crash never costs
+more than the checkpoint being written. (Plain HF model directories are herd.checkpoint's.)
 
 A checkpoint is a directory ``checkpoints/step_00000200/`` holding
 
