@@ -188,33 +188,6 @@ def test_bad_prompts_are_rejected_clearly():
         engine.generate([[1]], SamplingParams(max_new_tokens=10**6))
 
 
-def test_fused_decode_attention_equals_sdpa():
-    from herd.model.attention import attend_fused, attention_mask
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, h, t, 16, generator=g) for h, t in ((8, 1), (2, 40), (2, 40)))
-    q_pos = torch.tensor([[37], [12]])
-    k_pos = torch.arange(40).expand(2, 40)
-    for chunk in (None, 16):
-        mask = attention_mask(q_pos, k_pos, chunk)
-        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        assert torch.allclose(attend_fused(q, k, v, mask), ref, atol=1e-5)
-
-
-def test_matvec_linear_is_a_plain_linear_outside_compile():
-    from herd.infer.matvec import MatvecLinear, matvec, use_matvec
-
-    model = _random_model()
-    x = torch.randint(0, 512, (1, 9))
-    with torch.no_grad():
-        before = model(x)
-        use_matvec(model)
-        assert isinstance(model.layers[0].self_attn.q_proj, MatvecLinear)
-        assert torch.equal(model(x), before)
-    w, v = torch.randn(6, 5), torch.randn(3, 5)
-    assert torch.allclose(matvec(v, w), v @ w.T, atol=1e-5)
-
-
 def test_compiled_decode_equals_eager():
     """The fixed-shape cache step + torch.compile (fused matvec, fused attention, expert gather) changes nothing."""
     model = _random_model(attention_chunk_size=8, n_layers=4)

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from herd.infer.cache import KVCache
-from herd.infer.matvec import use_matvec
+from herd.infer.decode_modules import decode_model
 from herd.infer.sampling import SamplingParams, TokenLogprob, sample, token_logprobs
 from herd.model import Transformer
+from herd.model.moe import pick_grouped_mm_backend, set_grouped_mm_backend
 from herd.tokenizer import Tokenizer
 
 
@@ -110,16 +111,16 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype if p.is_floating_point() else torch.bfloat16
         self._compiled = None
         self._image_features: OrderedDict[str, torch.Tensor] = OrderedDict()  # pixels digest -> features
+        set_grouped_mm_backend(model, pick_grouped_mm_backend(self.device, self.dtype))
         if compile:
-            if self.device.type == "cpu":
-                use_matvec(model)  # bandwidth-bound GEMVs as fused loops (herd.infer.matvec)
+            self._decode_model = decode_model(model)  # decode subclasses on a parameter-sharing copy
             if self.device.type == "cuda":
                 self._compiled = torch.compile(self._static_decode, mode="reduce-overhead", dynamic=False)
             else:
                 self._compiled = torch.compile(self._static_decode, dynamic=False, options=_CPU_DECODE_OPTIONS)
 
     def _static_decode(self, ids_B1: torch.Tensor, positions_B1: torch.Tensor, step: _StaticStep) -> torch.Tensor:
-        return self.model(ids_B1, positions=positions_B1, cache=step, last_only=True)
+        return self._decode_model(ids_B1, positions=positions_B1, cache=step, last_only=True)
 
     def _decode(self, cache: KVCache, ids_B1: torch.Tensor) -> torch.Tensor:
         if self._compiled is None:

@@ -28,10 +28,6 @@ class LayerCache(Protocol):
         ...
 
 
-# cuDNN attention rebuilds its plan for every new key length (each decode step): ~10 ms of CPU per call
-_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
 def attention_mask(q_pos_BT: torch.Tensor, k_pos_BS: torch.Tensor, chunk: int | None,
                    doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
     """[B, 1, T, S] bool: causal, valid slot, (chunked layers) same chunk, and (packed training rows, where
@@ -54,20 +50,10 @@ def temperature_scale(positions_BT: torch.Tensor, floor_scale: int, attn_scale: 
     return (torch.log1p(steps) * attn_scale + 1.0)[..., None, None]
 
 
-def attend_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of a few queries in plain ops that inductor fuses around two small matmuls: inside a compiled
-    CPU decode step this beats torch's SDPA kernel, whose fixed per-call cost dominates at one query.
-    q [B, H, T, hd], k/v [B, KV, S, hd] (query head h reads KV head h // (H / KV)), mask [B, 1, T, S]."""
-    B, H, T, hd = q.shape
-    KV = k.shape[1]
-    q4 = q.float().reshape(B, KV, (H // KV) * T, hd)
-    scores = (q4 @ k.float().transpose(-1, -2)).view(B, KV, H // KV, T, -1) * hd**-0.5
-    probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
-    out = probs.view(B, KV, (H // KV) * T, -1) @ v.float()
-    return out.view(B, H, T, hd).to(q.dtype)
-
-
 class Attention(nn.Module):
+    # cuDNN attention rebuilds its plan for every new key length (each decode step): ~10 ms of CPU per call
+    sdpa_backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -99,11 +85,12 @@ class Attention(nn.Module):
             k, v, k_pos = cache.update(self.layer, k, v, positions_BT)
         else:
             k_pos = positions_BT
-        mask = attention_mask(positions_BT, k_pos, self.chunk, doc_ids_BT)
-        if torch.compiler.is_compiling() and q.device.type == "cpu" and q.shape[2] <= 4:
-            out = attend_fused(q, k, v, mask)
-        else:
-            with sdpa_kernel(_BACKENDS):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                     enable_gqa=self.n_kv_heads != self.n_heads)
+        out = self.attend(q, k, v, attention_mask(positions_BT, k_pos, self.chunk, doc_ids_BT))
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q_BHTd: torch.Tensor, k_BKVSd: torch.Tensor, v_BKVSd: torch.Tensor,
+               mask_B1TS: torch.Tensor) -> torch.Tensor:
+        """Softmax attention; query head h reads key/value head h // (H / KV). -> [B, H, T, hd]"""
+        with sdpa_kernel(self.sdpa_backends):
+            return F.scaled_dot_product_attention(q_BHTd, k_BKVSd, v_BKVSd, attn_mask=mask_B1TS,
+                                                  enable_gqa=self.n_kv_heads != self.n_heads)
