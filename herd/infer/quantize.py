@@ -1,7 +1,7 @@
 """Weight quantization as a transform of a loaded model, and quantized checkpoints.
 
 Applied from outside the model (torchtitan style): ``quantize`` swaps ``nn.Linear`` for ``QuantLinear`` and the
-routed ``Experts`` for ``QuantExperts`` (same ``forward(x_ND, offsets_E)``), in place; herd/model has no
+routed ``Experts`` for ``QuantExperts`` (same ``forward(x_RD, offsets_E)``), in place; herd/model has no
 quantization branch. Embeddings, norms and the router always stay in the model dtype; lm_head is quantized only
 with ``quantize_lm_head=True``. Schemes:
 
@@ -147,12 +147,12 @@ def _fp8_rowwise_mm(x_MK: torch.Tensor, q_NK: torch.Tensor, scale_N1: torch.Tens
                             out_dtype=x_MK.dtype, use_fast_accum=True)
 
 
-def _fp8_grouped_mm(x_ND: torch.Tensor, q_EMK: torch.Tensor, scale_EM1: torch.Tensor,
+def _fp8_grouped_mm(x_MK: torch.Tensor, q_ENK: torch.Tensor, scale_EN1: torch.Tensor,
                     offsets_E: torch.Tensor) -> torch.Tensor:
     """All experts in one kernel, without the host sync of a per-expert loop (CUDA-graph friendly)."""
-    xq_ND, x_scale_N1 = _fp8_rows(x_ND)
-    return torch._scaled_grouped_mm(xq_ND, q_EMK.transpose(-2, -1), x_scale_N1.view(-1), scale_EM1.squeeze(-1),
-                                    offs=offsets_E, out_dtype=x_ND.dtype, use_fast_accum=True)
+    xq_MK, x_scale_M1 = _fp8_rows(x_MK)
+    return torch._scaled_grouped_mm(xq_MK, q_ENK.transpose(-2, -1), x_scale_M1.view(-1), scale_EN1.squeeze(-1),
+                                    offs=offsets_E, out_dtype=x_MK.dtype, use_fast_accum=True)
 
 
 def qmatmul(x_MK: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
@@ -233,19 +233,19 @@ class QuantExperts(nn.Module):
             setattr(m, name + "_scale", _frozen(scale))
         return m
 
-    def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        if _fp8_gemm_ok(x_ND, self.gate_up_proj, grouped=True) and _fp8_gemm_ok(x_ND, self.down_proj, grouped=True):
-            gate, up = _fp8_grouped_mm(x_ND, self.gate_up_proj, self.gate_up_proj_scale, offsets_E).chunk(2, dim=-1)
+    def forward(self, x_RD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        if _fp8_gemm_ok(x_RD, self.gate_up_proj, grouped=True) and _fp8_gemm_ok(x_RD, self.down_proj, grouped=True):
+            gate, up = _fp8_grouped_mm(x_RD, self.gate_up_proj, self.gate_up_proj_scale, offsets_E).chunk(2, dim=-1)
             return _fp8_grouped_mm(F.silu(gate) * up, self.down_proj, self.down_proj_scale, offsets_E)
         # else one quantized matmul per expert that has rows: touches only the active experts' weights
-        out_ND, start = x_ND.new_empty(x_ND.shape[0], self.dim), 0
+        out_RD, start = x_RD.new_empty(x_RD.shape[0], self.dim), 0
         for e, end in enumerate(offsets_E.tolist()):
             if end > start:
-                h = qmatmul(x_ND[start:end], self.gate_up_proj[e], self.gate_up_proj_scale[e], self.scheme)
+                h = qmatmul(x_RD[start:end], self.gate_up_proj[e], self.gate_up_proj_scale[e], self.scheme)
                 gate, up = h.chunk(2, dim=-1)
-                out_ND[start:end] = qmatmul(F.silu(gate) * up, self.down_proj[e], self.down_proj_scale[e], self.scheme)
+                out_RD[start:end] = qmatmul(F.silu(gate) * up, self.down_proj[e], self.down_proj_scale[e], self.scheme)
             start = end
-        return out_ND
+        return out_RD
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, scheme={self.scheme}"

@@ -22,9 +22,10 @@ from herd.model.rope import apply_rope
 
 
 class LayerCache(Protocol):
-    def update(self, layer: int, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor,
+    def update(self, layer: int, k_BKVTd: torch.Tensor, v_BKVTd: torch.Tensor,
                positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store the new keys/values; return (keys, values, key positions [B, S]); position < 0 = empty slot."""
+        """Store the new keys/values; return (keys [B, KV, S, hd], values, key positions [B, S]); position < 0 =
+        empty slot."""
         ...
 
 
