@@ -139,7 +139,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from herd.infer.quant_checkpoint import quantize_directory
+    from herd.checkpoint import quantize_directory
 
     skip = args.skip if args.skip is not None else None
     out = quantize_directory(args.model_dir, args.out, args.scheme, group_size=args.group_size, skip=skip,

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import hf_text_model, small_config
 from herd import checkpoint
+from herd.checkpoint import safetensors_io
 from herd.config import VisionConfig, to_hf_dict
 from herd.errors import CheckpointError
 from herd.model import Transformer
@@ -144,7 +145,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_model_dir, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", boom)
+    monkeypatch.setattr(safetensors_io, "save_file", boom)
     with pytest.raises(OSError):
         checkpoint.save(model, tmp_model_dir)
     assert (tmp_model_dir / checkpoint.SINGLE_FILE).read_bytes() == before

@@ -13,7 +13,7 @@ from herd import checkpoint
 from herd.config import preset
 from herd.errors import CheckpointError
 from herd.eval.quant_quality import logit_kl, perplexity
-from herd.infer import quant_checkpoint as QC
+from herd.checkpoint import quantized as QC
 from herd.infer import quantize as Q
 from herd.model import Transformer
 from herd.model.moe import Experts

@@ -1,4 +1,4 @@
-"""Weight quantization as a transform of a loaded model, and quantized checkpoints.
+"""Weight quantization as a transform of a loaded model.
 
 Applied from outside the model (torchtitan style): ``quantize`` swaps ``nn.Linear`` for ``QuantLinear`` and the
 routed ``Experts`` for ``QuantExperts`` (same ``forward(x_RD, offsets_E)``), in place; herd/model has no
@@ -21,10 +21,10 @@ int4 is symmetric like both Meta references (fbgemm int4_mixed, torchao 8da4w): 
 torchao's scale (amax / 7.5, clamp to [-8, 7]) uses the -8 level. Packing: uint8 [N, K/2], low nibble = even
 input index, nibble = q + 8.
 
-Checkpoints (herd.infer.quant_checkpoint): ``save_quantized`` writes int8/int4 in herd's own layout (``...q_proj.weight`` packed +
-``...q_proj.weight_scale``; routed experts fused, ``experts.gate_up_proj`` [E, 2F, D] out x in + ``_scale``) and
-fp8 as compressed-tensors with per-expert unfused experts, the layout of Llama-4-Maverick-17B-128E-Instruct-FP8.
-``herd.checkpoint.load`` reads both through ``load_quantized``.
+Checkpoints (herd.checkpoint.quantized): ``save_quantized`` writes int8/int4 in herd's own layout
+(``...q_proj.weight`` packed + ``...q_proj.weight_scale``; routed experts fused, ``experts.gate_up_proj`` [E, 2F, D]
+out x in + ``_scale``) and fp8 as compressed-tensors with per-expert unfused experts, the layout of
+Llama-4-Maverick-17B-128E-Instruct-FP8. ``herd.checkpoint.load`` reads both.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ from herd.model import Transformer
 from herd.model.moe import Experts
 
 SCHEMES = ("int8", "int4", "int4_weight_int8_dynamic_activation", "fp8")
-_STORAGE = {"int8": torch.int8, "int4": torch.uint8, "int4_weight_int8_dynamic_activation": torch.uint8,
-            "fp8": torch.float8_e4m3fn}
-_PACKED_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn)
+# the dtype each scheme stores its weights in (int4: two per uint8)
+STORAGE = {"int8": torch.int8, "int4": torch.uint8, "int4_weight_int8_dynamic_activation": torch.uint8,
+           "fp8": torch.float8_e4m3fn}
+PACKED_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn)
 _FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 _FP8_ACT_UB = 1200.0  # activation amax clamp of fbgemm's quantize_fp8_per_row, as llama-models sets it
 # Rows up to which torch's int8 weight-only CPU kernel beats dequantize + GEMM (2-core AVX-512, 4096^2 weight:
@@ -74,7 +75,7 @@ def int4_group(k: int, group_size: int) -> int:
 def packed_shapes(n: int, k: int, scheme: str, group_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(weight, scale) shapes of an [n, k] weight in ``scheme``. Scales are [n, groups] with one group for the
     per-channel schemes: the [out, 1] of compressed-tensors and fbgemm, and one dequantize for all schemes."""
-    if _STORAGE[scheme] == torch.uint8:
+    if STORAGE[scheme] == torch.uint8:
         return (n, k // 2), (n, k // int4_group(k, group_size))
     return (n, k), (n, 1)
 
@@ -99,7 +100,7 @@ def quantize_weight(w_NK: torch.Tensor, scheme: str, group_size: int = 128) -> t
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, scheme: str, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of ``quantize_weight``: [..., N, K] in ``dtype`` (scaled in fp32, rounded once)."""
-    if _STORAGE[scheme] == torch.uint8:
+    if STORAGE[scheme] == torch.uint8:
         q_NK = torch.stack((q & 15, q >> 4), dim=-1).flatten(-2).float() - 8
     else:
         q_NK = q.float()
@@ -117,7 +118,7 @@ def fake_quantize_per_token_int8(x: torch.Tensor) -> torch.Tensor:
     return ((q - zero) * scale).to(x.dtype)
 
 
-def _aligned(t: torch.Tensor) -> bool:
+def aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 64 == 0  # torch's CPU allocator aligns to 64 bytes; safetensors' buffers only to 8
 
 
@@ -157,11 +158,11 @@ def _fp8_grouped_mm(x_MK: torch.Tensor, q_ENK: torch.Tensor, scale_EN1: torch.Te
 
 def qmatmul(x_MK: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
     """x [M, K] @ W.T for a quantized weight W [N, K] -> [M, N] in x's dtype."""
-    if (scheme == "int8" and x_MK.device.type == "cpu" and q.dtype == torch.int8 and _aligned(q)
+    if (scheme == "int8" and x_MK.device.type == "cpu" and q.dtype == torch.int8 and aligned(q)
             and x_MK.shape[0] <= _INT8_KERNEL_ROWS.get(x_MK.dtype, 0) and hasattr(torch, "_weight_int8pack_mm")):
         # the kernel's vector loads crash (torch 2.14, AVX-512) on activations not 32-byte aligned, as a row
         # slice can be; a copy of a few rows is cheap
-        x_MK = x_MK if x_MK.is_contiguous() and _aligned(x_MK) else x_MK.clone(memory_format=torch.contiguous_format)
+        x_MK = x_MK if x_MK.is_contiguous() and aligned(x_MK) else x_MK.clone(memory_format=torch.contiguous_format)
         return torch._weight_int8pack_mm(x_MK, q, scale.to(x_MK.dtype).reshape(-1))
     if scheme == "fp8" and _fp8_gemm_ok(x_MK, q):
         return _fp8_rowwise_mm(x_MK, q, scale)
@@ -183,7 +184,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, check_scheme(scheme)
         q_shape, s_shape = packed_shapes(out_features, in_features, scheme, group_size)
-        self.weight = _frozen(torch.empty(q_shape, dtype=_STORAGE[scheme]))
+        self.weight = _frozen(torch.empty(q_shape, dtype=STORAGE[scheme]))
         self.weight_scale = _frozen(torch.empty(s_shape))
 
     @classmethod
@@ -213,9 +214,9 @@ class QuantExperts(nn.Module):
         self.n_experts, self.dim, self.hidden_dim, self.scheme = n_experts, dim, hidden_dim, check_scheme(scheme)
         gu_q, gu_s = packed_shapes(2 * hidden_dim, dim, scheme, group_size)
         d_q, d_s = packed_shapes(dim, hidden_dim, scheme, group_size)
-        self.gate_up_proj = _frozen(torch.empty(n_experts, *gu_q, dtype=_STORAGE[scheme]))
+        self.gate_up_proj = _frozen(torch.empty(n_experts, *gu_q, dtype=STORAGE[scheme]))
         self.gate_up_proj_scale = _frozen(torch.empty(n_experts, *gu_s))
-        self.down_proj = _frozen(torch.empty(n_experts, *d_q, dtype=_STORAGE[scheme]))
+        self.down_proj = _frozen(torch.empty(n_experts, *d_q, dtype=STORAGE[scheme]))
         self.down_proj_scale = _frozen(torch.empty(n_experts, *d_s))
 
     @classmethod
@@ -225,7 +226,7 @@ class QuantExperts(nn.Module):
             m = cls(E, D, F2 // 2, scheme, group_size)
         device = experts.gate_up_proj.device
         for name, w_ENK in (("gate_up_proj", experts.gate_up_proj), ("down_proj", experts.down_proj)):
-            q = torch.empty(getattr(m, name).shape, dtype=_STORAGE[scheme], device=device)
+            q = torch.empty(getattr(m, name).shape, dtype=STORAGE[scheme], device=device)
             scale = torch.empty(getattr(m, name + "_scale").shape, device=device)
             for e in range(E):  # one expert at a time: an fp32 copy of a whole Maverick layer would be 40+ GB
                 q[e], scale[e] = quantize_weight(w_ENK[e], scheme, group_size)
@@ -251,7 +252,7 @@ class QuantExperts(nn.Module):
         return f"n_experts={self.n_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, scheme={self.scheme}"
 
 
-_QUANT_MODULES = (QuantLinear, QuantExperts)
+QUANT_MODULES = (QuantLinear, QuantExperts)
 
 
 # -- applying ---------------------------------------------------------------------------------------------------
@@ -295,7 +296,7 @@ def quantize(model: Transformer, scheme: str, group_size: int = 128, skip: Itera
     first and last layer for fp8. experts_only: default True for fp8, False otherwise. Cast the model to its
     compute dtype first: ``model.to(dtype)`` afterwards would also cast the fp8 weights and the fp32 scales."""
     check_scheme(scheme)
-    if getattr(model, "quantization", None) is not None or any(isinstance(m, _QUANT_MODULES) for m in model.modules()):
+    if getattr(model, "quantization", None) is not None or any(isinstance(m, QUANT_MODULES) for m in model.modules()):
         raise ValueError("model is already quantized; quantize the original weights")
     experts_only = scheme == "fp8" if experts_only is None else experts_only
     patterns = default_skip(model.cfg, scheme) if skip is None else tuple(skip)
@@ -307,7 +308,7 @@ def quantize(model: Transformer, scheme: str, group_size: int = 128, skip: Itera
                              f"(they are named like {', '.join(names[:2]) or 'nothing: there are none'})")
     skipped = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     targets = [n for n in names if n not in skipped]
-    if _STORAGE[scheme] == torch.uint8:  # fail on an impossible group before half the model is converted
+    if STORAGE[scheme] == torch.uint8:  # fail on an impossible group before half the model is converted
         for name in targets:
             m = model.get_submodule(name)
             for k in ((m.gate_up_proj.shape[2], m.down_proj.shape[2]) if isinstance(m, Experts) else (m.in_features,)):
@@ -330,15 +331,16 @@ def model_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def _cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating parameters outside the quantized modules to ``dtype``, in place."""
     for m in model.modules():
-        if isinstance(m, _QUANT_MODULES):
+        if isinstance(m, QUANT_MODULES):
             continue
         for p in m.parameters(recurse=False):
             if p.is_floating_point():
                 p.data = p.data.to(dtype)  # in place on the Parameter: keeps a tied lm_head tied
 
 
-__all__ = ["SCHEMES", "QuantLinear", "QuantExperts", "QuantizationInfo", "quantize", "quantize_weight",
+__all__ = ["SCHEMES", "STORAGE", "PACKED_DTYPES", "QUANT_MODULES", "QuantLinear", "QuantExperts", "QuantizationInfo", "quantize", "quantize_weight",
            "dequantize_weight", "qmatmul", "fake_quantize_per_token_int8", "int4_group", "model_bytes",
-           "default_skip", "quantizable"]
+           "default_skip", "quantizable", "check_scheme", "packed_shapes", "aligned", "cast_unquantized"]

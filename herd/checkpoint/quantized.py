@@ -7,27 +7,36 @@
 
 from __future__ import annotations
 
-from __future__ import annotations
+import json
 import re
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
+
 import torch
 from torch import nn
-from herd import checkpoint
-from herd.config import ModelConfig, to_hf_dict
+
+from herd.checkpoint.dense import Filling, StoredTensor, assign, load_dense, parse_dtype, stored_dtype
+from herd.checkpoint.names import herd_to_hf, hf_module, hf_to_herd
+from herd.checkpoint.safetensors_io import INDEX_FILE, checkpoint_files, write_dir
+from herd.config import ModelConfig, load_config, to_hf_dict
 from herd.errors import CheckpointError
+from herd.infer.quantize import (PACKED_DTYPES, QUANT_MODULES, SCHEMES, STORAGE, QuantExperts, QuantizationInfo,
+                                 QuantLinear, aligned, cast_unquantized, check_scheme, quantizable, quantize)
 from herd.model import Transformer
 from herd.model.moe import Experts
 
-from herd.infer.quantize import (QuantExperts, QuantLinear, QuantizationInfo, SCHEMES, _PACKED_DTYPES, _QUANT_MODULES, _STORAGE, _aligned, _cast_unquantized, check_scheme, quantizable, quantize)
+
+def quantization_config(directory: Path) -> dict | None:
+    """The ``quantization_config`` entry of config.json (top level or in text_config), if any."""
+    try:
+        d = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # load_config reports a missing or broken config.json
+    return d.get("quantization_config") or (d.get("text_config") or {}).get("quantization_config")
 
 
-# -- checkpoints: writing ---------------------------------------------------------------------------------------
-def _hf_module(name: str, multimodal: bool) -> str:
-    return checkpoint.herd_to_hf(name + ".weight", multimodal).removesuffix(".weight")
-
-
+# -- writing ----------------------------------------------------------------------------------------------------
 def save_quantized(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write a quantized model as an HF directory whose config.json has a ``quantization_config``: herd's layout
     for int8/int4, compressed-tensors (Llama-4-Maverick-FP8 layout) for fp8. Atomic, like checkpoint.save."""
@@ -40,13 +49,13 @@ def save_quantized(model: Transformer, directory: str | Path, max_shard_bytes: i
         tensors = _unfused_tensors(model)
         hf_config["quantization_config"] = _compressed_tensors_config(model)
     else:
-        tensors = {checkpoint.herd_to_hf(n, mm): p.detach().contiguous() for n, p in model.named_parameters()}
+        tensors = {herd_to_hf(n, mm): p.detach().contiguous() for n, p in model.named_parameters()}
         hf_config["quantization_config"] = _herd_config(info, mm)
-    return checkpoint.write_dir(directory, tensors, hf_config, max_shard_bytes)
+    return write_dir(directory, tensors, hf_config, max_shard_bytes)
 
 
 def _herd_config(info: QuantizationInfo, multimodal: bool) -> dict:
-    int4 = _STORAGE[info.scheme] == torch.uint8
+    int4 = STORAGE[info.scheme] == torch.uint8
     weights = ({"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": info.group_size,
                 "packing": "uint8 [N, K/2], low nibble = even input index, nibble = q + 8"} if int4 else
                {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"})
@@ -54,7 +63,7 @@ def _herd_config(info: QuantizationInfo, multimodal: bool) -> dict:
             if info.scheme == "int4_weight_int8_dynamic_activation" else None)
     return {"quant_method": "herd", "scheme": info.scheme, "group_size": info.group_size,
             "targets": "experts" if info.experts_only else "linear+experts", "quantize_lm_head": info.quantize_lm_head,
-            "modules_to_not_convert": [_hf_module(n, multimodal) for n in info.skipped], "weights": weights,
+            "modules_to_not_convert": [hf_module(n, multimodal) for n in info.skipped], "weights": weights,
             "input_activations": acts}
 
 
@@ -65,7 +74,7 @@ def _unfused_tensors(model: Transformer) -> dict[str, torch.Tensor]:
         if isinstance(m, (Experts, QuantExperts)):
             F_ = m.hidden_dim if isinstance(m, QuantExperts) else m.down_proj.shape[2]
             for e in range(m.gate_up_proj.shape[0]):
-                prefix = checkpoint.herd_to_hf(f"{name}.{e}", model.vision is not None)
+                prefix = herd_to_hf(f"{name}.{e}", model.vision is not None)
                 if isinstance(m, QuantExperts):  # clones: safetensors refuses tensors sharing storage
                     gu, gu_s, d, d_s = m.gate_up_proj[e], m.gate_up_proj_scale[e], m.down_proj[e], m.down_proj_scale[e]
                     parts = {"gate_proj": (gu[:F_], gu_s[:F_]), "up_proj": (gu[F_:], gu_s[F_:]), "down_proj": (d, d_s)}
@@ -79,7 +88,7 @@ def _unfused_tensors(model: Transformer) -> dict[str, torch.Tensor]:
                     out[f"{prefix}.down_proj.weight"] = d.clone()
     for name, p in model.named_parameters():
         if ".experts." not in name:
-            out[checkpoint.herd_to_hf(name, model.vision is not None)] = p.detach().contiguous()
+            out[herd_to_hf(name, model.vision is not None)] = p.detach().contiguous()
     return out
 
 
@@ -101,7 +110,7 @@ def _ct_ignore(model: Transformer) -> list[str]:
     no layer quantizes it, names (one regex per layer for experts) otherwise."""
     units: list[tuple[str, str, bool]] = []  # (kind regex, this module's entry, quantized)
     for name, m in model.named_modules():
-        hf = _hf_module(name, model.vision is not None)
+        hf = hf_module(name, model.vision is not None)
         if isinstance(m, (Experts, QuantExperts)):
             units.append((r"re:.*feed_forward\.experts\..*", "re:" + re.escape(hf) + r"\..*",
                           isinstance(m, QuantExperts)))
@@ -119,7 +128,7 @@ def _ct_ignore(model: Transformer) -> list[str]:
     return ignore
 
 
-# -- checkpoints: reading ---------------------------------------------------------------------------------------
+# -- reading ------------------------------------------------------------------------------------------------
 _UNFUSED = re.compile(r"(?P<module>layers\.\d+\.feed_forward\.experts)\.(?P<e>\d+)\."
                       r"(?P<proj>gate|up|down)_proj\.(?P<kind>weight|weight_scale)$")
 
@@ -132,11 +141,11 @@ def load_quantized(directory: str | Path, cfg: ModelConfig, qconfig: dict, dtype
 
     herd's layout: the modules come from the config (scheme, targets, modules_to_not_convert).
     compressed-tensors FP8: every module with a ``weight_scale`` is FP8; experts may be fused or per expert."""
-    directory, dtype, device = Path(directory), checkpoint.parse_dtype(dtype), torch.device(device)
+    directory, dtype, device = Path(directory), parse_dtype(dtype), torch.device(device)
     config_file = directory / "config.json"
     with torch.device("meta"):
         model = Transformer(cfg)
-    hf_names = list(checkpoint.checkpoint_files(directory))
+    hf_names = list(checkpoint_files(directory))
     method = qconfig.get("quant_method")
     if method == "herd":
         info = _read_herd_config(qconfig, config_file)
@@ -144,7 +153,7 @@ def load_quantized(directory: str | Path, cfg: ModelConfig, qconfig: dict, dtype
             names = quantizable(model, info.experts_only, info.quantize_lm_head)
         except ValueError as e:
             raise CheckpointError(f"{config_file}: {e}") from None
-        skipped = {(checkpoint.hf_to_herd(n + ".weight") or "").removesuffix(".weight"): n for n in info.skipped}
+        skipped = {(hf_to_herd(n + ".weight") or "").removesuffix(".weight"): n for n in info.skipped}
         unknown = [n for herd_name, n in skipped.items() if herd_name not in names]
         if unknown:
             raise CheckpointError(f"{config_file}: quantization_config.modules_to_not_convert names {unknown[0]}, "
@@ -177,24 +186,28 @@ def load_quantized(directory: str | Path, cfg: ModelConfig, qconfig: dict, dtype
                 else:
                     storage[p_name] = p.dtype
 
-    def target_dtype(name: str, hf_name: str, tensor: torch.Tensor) -> torch.dtype:
+    def target_dtype(name: str, t: StoredTensor) -> torch.dtype:
+        """The dtype parameter ``name`` loads in from ``t``: exactly the format's storage, fp32 scales."""
         if name in storage:
-            if tensor.dtype != storage[name]:
-                raise ValueError(f"has dtype {tensor.dtype}; the {info.scheme} format stores {storage[name]}")
-            return tensor.dtype
+            if t.tensor.dtype != storage[name]:
+                raise t.error(f"has dtype {t.tensor.dtype}; the {info.scheme} format stores {storage[name]}")
+            return t.tensor.dtype
         if name in scales:
             return torch.float32
-        if tensor.dtype in _PACKED_DTYPES:
-            raise ValueError(f"is stored as {tensor.dtype} but its scale {hf_name}_scale is missing")
-        return dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
+        if t.tensor.dtype in PACKED_DTYPES:
+            raise t.error(f"is stored as {t.tensor.dtype} but its scale {t.hf_name}_scale is missing")
+        return stored_dtype(t.tensor, dtype)
 
+    filling = Filling(model, directory, device, progress, skip_vision)
     unfused = _UnfusedExperts(model, target_dtype, device)
-    checkpoint.fill(model, directory, dtype, device, progress, target_dtype, extra=unfused, filled=unfused.complete,
-                    skip_vision=skip_vision)
+    for t in filling.tensors():
+        if not unfused.take(t):
+            filling.put(t.name, filling.check(t), target_dtype(t.name, t))
+    filling.finish(filled=unfused.complete)
     for m in model.modules():  # packed weights straight from safetensors may sit at any 8-byte offset; kernels
-        if isinstance(m, _QUANT_MODULES):  # with aligned vector loads want torch's 64-byte alignment
+        if isinstance(m, QUANT_MODULES):  # with aligned vector loads want torch's 64-byte alignment
             for p in m.parameters():
-                if not _aligned(p):
+                if not aligned(p):
                     p.data = p.data.clone()
     model.quantization = info
     return model
@@ -226,7 +239,7 @@ def _scaled_modules(model: Transformer, hf_names: list[str], directory: Path) ->
     """Modules with a ``weight_scale`` in the checkpoint (per-expert scales name their experts module)."""
     targets: dict[str, None] = {}
     for hf_name in hf_names:
-        name = checkpoint.hf_to_herd(hf_name)
+        name = hf_to_herd(hf_name)
         if name is None or not name.endswith(".weight_scale"):
             continue
         match = _UNFUSED.match(name)
@@ -246,7 +259,7 @@ def _check_unfused_complete(model: Transformer, hf_names: list[str], quantized: 
     names, before any tensor is read, so the error names the missing per-expert tensor."""
     seen: dict[str, tuple[str, set[tuple[int, str, str]]]] = {}
     for hf_name in hf_names:
-        name = checkpoint.hf_to_herd(hf_name)
+        name = hf_to_herd(hf_name)
         match = _UNFUSED.match(name or "")
         if match:
             prefix = hf_name[: len(hf_name) - len(name)]
@@ -265,14 +278,15 @@ class _UnfusedExperts:
     """Gathers per-expert ``experts.{e}.{gate,up,down}_proj.weight[_scale]`` tensors into the fused parameters,
     allocated on first use and filled slice by slice (stacking them would hold a layer's experts twice)."""
 
-    def __init__(self, model: Transformer, target_dtype: Callable[[str, str, torch.Tensor], torch.dtype],
+    def __init__(self, model: Transformer, target_dtype: Callable[[str, StoredTensor], torch.dtype],
                  device: torch.device):
         self.model, self.target_dtype, self.device = model, target_dtype, device
         self.parts: dict[str, int] = {}
         self.complete: set[str] = set()
 
-    def __call__(self, hf_name: str, name: str, file: Path, tensor: torch.Tensor) -> bool:
-        match = _UNFUSED.match(name)
+    def take(self, t: StoredTensor) -> bool:
+        """Place ``t`` if it is one expert's part; False for any other tensor."""
+        match = _UNFUSED.match(t.name)
         if not match:
             return False
         try:
@@ -286,23 +300,19 @@ class _UnfusedExperts:
         fused = "down_proj" if proj == "down" else "gate_up_proj"
         p_name = f"{match['module']}.{fused}" + ("_scale" if kind == "weight_scale" else "")
         if e >= E:
-            raise CheckpointError(f"unexpected tensor {hf_name} in {file}: the config has {E} experts")
-        try:
-            target = self.target_dtype(p_name, hf_name, tensor)
-        except ValueError as err:
-            raise CheckpointError(f"tensor {hf_name} in {file} {err}") from None
+            raise CheckpointError(f"unexpected tensor {t.hf_name} in {t.file}: the config has {E} experts")
+        target = self.target_dtype(p_name, t)
         param = self.model.get_parameter(p_name)
         rows = {"gate": slice(0, F_), "up": slice(F_, 2 * F_), "down": slice(None)}[proj]
         dst = lambda full: full[e, rows]  # noqa: E731  (herd's experts are out x in, like the file's Linears)
         want = tuple(dst(param).shape)
-        if tuple(tensor.shape) != want:
-            raise CheckpointError(f"tensor {hf_name} in {file} has shape {tuple(tensor.shape)}, "
-                                  f"the config expects {want}")
+        if tuple(t.tensor.shape) != want:
+            raise t.error(f"has shape {tuple(t.tensor.shape)}, the config expects {want}")
         if param.is_meta:
-            checkpoint._assign(self.model, p_name, torch.empty(param.shape, dtype=target, device=self.device))
+            assign(self.model, p_name, torch.empty(param.shape, dtype=target, device=self.device))
             param = self.model.get_parameter(p_name)
         with torch.no_grad():
-            dst(param).copy_(tensor.to(device=self.device, dtype=target))
+            dst(param).copy_(t.tensor.to(device=self.device, dtype=target))
         self.parts[p_name] = self.parts.get(p_name, 0) + 1
         if self.parts[p_name] == (E if proj == "down" else 2 * E):
             self.complete.add(p_name)
@@ -310,7 +320,7 @@ class _UnfusedExperts:
 
 
 # -- the CLI's entry point --------------------------------------------------------------------------------------
-_NOT_COPIED = {"config.json", checkpoint.INDEX_FILE}
+_NOT_COPIED = {"config.json", INDEX_FILE}
 
 
 def quantize_directory(src_dir: str | Path, out_dir: str | Path, scheme: str, *, group_size: int = 128,
@@ -321,12 +331,12 @@ def quantize_directory(src_dir: str | Path, out_dir: str | Path, scheme: str, *,
     ``dtype`` (None: as stored), save to ``out_dir`` with the source's tokenizer and other side files."""
     check_scheme(scheme)
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    if checkpoint.quantization_config(src_dir) is not None:
+    if quantization_config(src_dir) is not None:
         raise ValueError(f"{src_dir} is already quantized; quantize an unquantized (bf16/fp32) checkpoint")
-    model = checkpoint.load(src_dir, progress=progress)
+    model = load_dense(src_dir, load_config(src_dir), progress=progress)
     quantize(model, scheme, group_size, skip, quantize_lm_head, experts_only, progress=progress)
     if dtype is not None:
-        _cast_unquantized(model, checkpoint.parse_dtype(dtype))
+        cast_unquantized(model, parse_dtype(dtype))
     save_quantized(model, out_dir, max_shard_bytes)
     for f in src_dir.iterdir():  # tokenizer.model, tokenizer_config.json, generation_config.json, ...
         if f.is_file() and f.name not in _NOT_COPIED and f.suffix != ".safetensors" and not (out_dir / f.name).exists():
@@ -334,4 +344,4 @@ def quantize_directory(src_dir: str | Path, out_dir: str | Path, scheme: str, *,
     return out_dir
 
 
-__all__ = ["save_quantized", "load_quantized", "quantize_directory"]
+__all__ = ["quantization_config", "save_quantized", "load_quantized", "quantize_directory"]
