@@ -35,9 +35,9 @@ def _reserved(prefix: str, start: int, stop: int) -> list[str]:
     return [f"<|{prefix}reserved_special_token_{i}|>" for i in range(start, stop)]
 
 
-def _special_token_names() -> list[str]:
-    # Order is the id order (first one = number of BPE ranks, i.e. 200000). Reserved slots 6 and 7
-    # of text_post_train are missing on purpose: python_start/python_end took them.
+def special_token_names() -> list[str]:
+    """Llama 4's special tokens in id order (the first one's id is the number of BPE ranks, i.e. 200000)."""
+    # Reserved slots 6 and 7 of text_post_train are missing on purpose: python_start/python_end took them.
     names = ["<|begin_of_text|>", "<|end_of_text|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
     names += ["<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>", "<|step|>"]
     names += _reserved("text_post_train_", 0, 6)
@@ -56,7 +56,8 @@ def default_tokenizer_path() -> Path:
     return Path(str(importlib.resources.files("llama_models.llama4") / "tokenizer.model"))
 
 
-def _gpt2_unicode_to_byte() -> dict[str, int]:
+def gpt2_unicode_to_byte() -> dict[str, int]:
+    """The byte each character of an HF byte-level BPE vocabulary stands for."""
     # HF byte-level BPE stores each byte as a printable character: printable latin-1 bytes stand for
     # themselves, the rest are shifted to 256+k in byte order. This is the inverse of that table.
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -93,14 +94,14 @@ def _load_hf_json(text: str, path: Path) -> tuple[dict[bytes, int], str]:
     except (ValueError, KeyError, TypeError) as e:
         raise TokenizerError(f"{path} is not an HF tokenizer.json with a BPE vocab: {e!r}") from e
     added = {t["id"]: t["content"] for t in data.get("added_tokens", [])}
-    byte_of = _gpt2_unicode_to_byte()
+    byte_of = gpt2_unicode_to_byte()
     pieces = {piece: rank for piece, rank in vocab.items() if rank not in added}  # some exports repeat specials
     stray = set("".join(pieces)) - byte_of.keys()
     if stray:
         raise TokenizerError(f"{path}: vocab is not byte-level BPE (characters {sorted(stray)[:5]})")
     to_latin1 = {ord(ch): b for ch, b in byte_of.items()}  # str.translate + latin-1 is the fast bytes map
     ranks = {piece.translate(to_latin1).encode("latin-1"): rank for piece, rank in pieces.items()}
-    expected = {name: len(ranks) + i for i, name in enumerate(_special_token_names())}
+    expected = {name: len(ranks) + i for i, name in enumerate(special_token_names())}
     for tid, name in added.items():
         if name in expected and expected[name] != tid:
             raise TokenizerError(f"{path}: special token {name} has id {tid}, Llama 4 uses {expected[name]}")
@@ -141,7 +142,7 @@ class Tokenizer:
             # special ids are numbered from len(ranks) on, so a gap would shift or collide them
             raise TokenizerError(f"{name}: BPE ranks are not exactly 0..{len(ranks) - 1}")
         base = len(ranks)
-        self.special_tokens: dict[str, int] = {n: base + i for i, n in enumerate(_special_token_names())}
+        self.special_tokens: dict[str, int] = {n: base + i for i, n in enumerate(special_token_names())}
         self.vocab_size = base + NUM_SPECIAL_TOKENS
         try:
             self.model = tiktoken.Encoding(

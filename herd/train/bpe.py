@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from herd.tokenizer import LLAMA4_PATTERN, Tokenizer, _gpt2_unicode_to_byte, _special_token_names
+from herd.tokenizer import LLAMA4_PATTERN, Tokenizer, gpt2_unicode_to_byte, special_token_names
 from herd.train.data import atomic_write_text
 
 
@@ -37,7 +37,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_fr
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tok.train_from_iterator(texts, trainer=trainer)
     vocab = tok.get_vocab()
-    tok.add_special_tokens(_special_token_names())
+    tok.add_special_tokens(special_token_names())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "tokenizer.json", tok.to_str(pretty=False))
@@ -47,13 +47,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_fr
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
         "eos_token": "<|eot|>", "pad_token": "<|finetune_right_pad|>", "model_max_length": 1 << 20,
         "added_tokens_decoder": {str(n + i): {"content": s, "special": True}
-                                 for i, s in enumerate(_special_token_names())},
+                                 for i, s in enumerate(special_token_names())},
     }, indent=1))
     return Tokenizer.load(out / "tokenizer.model")
 
 
 def _tiktoken_text(vocab: dict[str, int]) -> str:
-    byte_of = _gpt2_unicode_to_byte()
+    byte_of = gpt2_unicode_to_byte()
     lines = [None] * len(vocab)
     for piece, rank in vocab.items():
         lines[rank] = f"{base64.b64encode(bytes(byte_of[c] for c in piece)).decode()} {rank}"
