@@ -16,6 +16,23 @@ def small_config(**changes) -> ModelConfig:
     return base.replace(**changes)
 
 
+def random_model(seed: int = 0, **changes) -> Transformer:
+    """A tiny random herd model whose logits are peaked, so greedy choices are not near-ties."""
+    torch.manual_seed(seed)
+    model = Transformer(small_config(**changes)).eval()
+    model.init_weights(std=0.08)
+    return model
+
+
+def greedy_without_cache(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after ``prompt`` by full forwards, no cache: the reference every decode path must give."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 def hf_text_model(cfg: ModelConfig, seed: int = 0):
     """A transformers Llama4ForCausalLM with random weights for ``cfg`` (eager attention: the plain reference)."""
     from transformers import Llama4ForCausalLM, Llama4TextConfig

@@ -8,7 +8,7 @@ import torch
 from herd import checkpoint
 from herd.chat import ChatFormat
 from herd.cli import main
-from herd.infer import engine as engine_module
+from herd.infer import core as core_module
 from herd.infer.engine import Engine
 from herd.infer.sampling import SamplingParams
 from herd.tokenizer import Tokenizer
@@ -55,9 +55,9 @@ def test_generate_json_plain_prompt(capsys, tiny_dir):
 def test_generate_chat_prompt_and_stop_token(capsys, tiny_dir, monkeypatch):
     tok = Tokenizer.load()
     steps = iter([11, 12, tok.eot_id, 13])
-    monkeypatch.setattr(engine_module, "sample", lambda logits, *a: torch.tensor([next(steps)]))
+    monkeypatch.setattr(core_module, "sample", lambda logits, *a: torch.tensor([next(steps)]))  # scripted draws
     out = _json(capsys, ["generate", str(tiny_dir), "Hi", "--chat", "--system", "Be brief.", "--json",
-                         "--max-new-tokens", "10"])
+                         "--max-new-tokens", "10", "--temperature", "1"])
     expected = ChatFormat(tok).encode_dialog([{"role": "system", "content": "Be brief."},
                                               {"role": "user", "content": "Hi"}])
     assert out["prompt_ids"] == expected

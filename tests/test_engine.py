@@ -3,32 +3,15 @@
 import pytest
 import torch
 
-from conftest import herd_from_hf, hf_text_model, small_config
+from conftest import greedy_without_cache, herd_from_hf, hf_text_model, random_model, small_config
 from herd.config import preset
-from herd.infer import engine as engine_module
+from herd.infer import core as core_module
 from herd.infer.cache import KVCache
 from herd.infer.engine import Engine
 from herd.infer.sampling import SamplingParams, adjust_logits, filter_logits, sample
-from herd.model import Transformer
 from herd.tokenizer import Tokenizer
 
 NO_STOP = frozenset()
-
-
-def _random_model(seed=0, **changes):
-    torch.manual_seed(seed)
-    cfg = small_config(**changes)
-    model = Transformer(cfg).eval()
-    model.init_weights(std=0.08)  # peaked logits: greedy choices are not near-ties
-    return model
-
-
-def _greedy_without_cache(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 @pytest.mark.parametrize("prefill_chunk", [512, 7])
@@ -58,7 +41,7 @@ def test_chunked_cache_is_small():
 
 
 def test_batched_greedy_equals_single():
-    model = _random_model(attention_chunk_size=8)
+    model = random_model(attention_chunk_size=8)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 17, 9, 30)]
     engine = Engine(model, prefill_chunk=5)
@@ -66,11 +49,11 @@ def test_batched_greedy_equals_single():
     batched = [c.token_ids for c in engine.generate(prompts, params)]
     single = [engine.generate([p], params)[0].token_ids for p in prompts]
     assert batched == single
-    assert batched[1] == _greedy_without_cache(model, prompts[1], 20)  # the cache changes nothing
+    assert batched[1] == greedy_without_cache(model, prompts[1], 20)  # the cache changes nothing
 
 
 def test_rows_stop_independently():
-    model = _random_model()
+    model = random_model()
     prompts = [[1, 2, 3], [4, 5]]
     engine = Engine(model)
     free = engine.generate(prompts, SamplingParams(max_new_tokens=8, stop_ids=NO_STOP))
@@ -83,7 +66,7 @@ def test_rows_stop_independently():
 
 
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy():
-    model = _random_model()
+    model = random_model()
     engine = Engine(model)
     p = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7, stop_ids=NO_STOP)
     a, b = engine.generate([[1, 2, 3]], p)[0], engine.generate([[1, 2, 3]], p)[0]
@@ -122,7 +105,7 @@ def test_penalties_and_logprobs_in_generation():
     """Frequency / presence penalties count the generated tokens (greedy with a large frequency penalty never
     repeats within the vocabulary); logprobs are the model's own (a forward over the whole text without a
     cache), and the top alternatives are sorted with the greedy token first."""
-    model = _random_model()
+    model = random_model()
     prompt = [1, 5, 9, 2]
     engine = Engine(model)
     (c,) = engine.generate([prompt], SamplingParams(max_new_tokens=12, frequency_penalty=2.0, presence_penalty=100.0,
@@ -140,25 +123,26 @@ def test_penalties_and_logprobs_in_generation():
 
     # prompt logprobs, prefilled in chunks of 3 (a chunk's last position predicts the next chunk's first token)
     long_prompt = [1, 5, 9, 2, 7, 7, 3, 11, 4, 6, 8]
-    engine.prefill_chunk, out = 3, []
-    cache = KVCache(model.cfg, 1, 32, torch.float32)
+    engine.prefill_chunk = 3
+    seq = core_module.Sequence(long_prompt, SamplingParams(max_new_tokens=1, stop_ids=NO_STOP), prompt_logprobs=2)
+    for _ in engine.core(1, 32).run([seq]):
+        pass
     with torch.no_grad():
-        for _ in engine.prefill_chunks(cache.row(0), long_prompt, None, (2, out)):
-            pass
         logp = model(torch.tensor([long_prompt]))[0].float().log_softmax(-1)
-    assert [e.token for e in out] == long_prompt[1:]
-    assert [e.logprob for e in out] == pytest.approx([logp[t, long_prompt[t + 1]].item() for t in range(10)], abs=1e-4)
+    assert [e.token for e in seq.scored] == long_prompt[1:]
+    assert [e.logprob for e in seq.scored] == pytest.approx([logp[t, long_prompt[t + 1]].item() for t in range(10)],
+                                                            abs=1e-4)
 
 
 def test_stop_strings_cut_text_and_streaming_holds_back_prefixes(monkeypatch):
     tok = Tokenizer.load()
     text = "Hello world. END of story"
     script = tok.encode(text)
-    model = _random_model(vocab_size=202048)
+    model = random_model(vocab_size=202048)
     engine = Engine(model, tok)
     steps = iter(script + [tok.eot_id])
-    monkeypatch.setattr(engine_module, "sample", lambda logits, *a: torch.tensor([next(steps)]))
-    params = SamplingParams(max_new_tokens=50, stop=["END"])
+    monkeypatch.setattr(core_module, "sample", lambda logits, *a: torch.tensor([next(steps)]))  # scripted draws
+    params = SamplingParams(max_new_tokens=50, stop=["END"], temperature=1.0)
     pieces = list(engine.stream([tok.bos_id], params))
     assert "".join(pieces) == "Hello world. "
     assert all("E" not in p for p in pieces)
@@ -171,15 +155,15 @@ def test_streaming_never_breaks_utf8(monkeypatch):
     ids = [tok.model.encode_single_token(bytes([b])) for b in text.encode()]
     assert tok.decode(ids) == text and len(ids) == len(text.encode())
     steps = iter(ids + [tok.eot_id])
-    monkeypatch.setattr(engine_module, "sample", lambda logits, *a: torch.tensor([next(steps)]))
-    engine = Engine(_random_model(vocab_size=202048), tok)
-    pieces = list(engine.stream([tok.bos_id], SamplingParams(max_new_tokens=100)))
+    monkeypatch.setattr(core_module, "sample", lambda logits, *a: torch.tensor([next(steps)]))  # scripted draws
+    engine = Engine(random_model(vocab_size=202048), tok)
+    pieces = list(engine.stream([tok.bos_id], SamplingParams(max_new_tokens=100, temperature=1.0)))
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces) and len(pieces) < len(ids)
 
 
 def test_bad_prompts_are_rejected_clearly():
-    engine = Engine(_random_model())
+    engine = Engine(random_model())
     with pytest.raises(ValueError, match="empty"):
         engine.generate([[]])
     with pytest.raises(ValueError, match="vocabulary"):
@@ -190,7 +174,7 @@ def test_bad_prompts_are_rejected_clearly():
 
 def test_compiled_decode_equals_eager():
     """The fixed-shape cache step + torch.compile (fused matvec, fused attention, expert gather) changes nothing."""
-    model = _random_model(attention_chunk_size=8, n_layers=4)
+    model = random_model(attention_chunk_size=8, n_layers=4)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (11, 4)]
     params = SamplingParams(max_new_tokens=12, stop_ids=NO_STOP)

@@ -28,7 +28,7 @@ def bench(engine: Engine, prompt_len: int = 128, new_tokens: int = 64, batch: in
     prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
     params = SamplingParams(max_new_tokens=new_tokens, stop_ids=frozenset())
     if warmup:
-        for _ in engine._steps([p[:16] for p in prompts], SamplingParams(max_new_tokens=4, stop_ids=frozenset())):
+        for _ in engine.steps([p[:16] for p in prompts], SamplingParams(max_new_tokens=4, stop_ids=frozenset())):
             pass
     cuda = engine.device.type == "cuda"
     if cuda:
@@ -37,7 +37,7 @@ def bench(engine: Engine, prompt_len: int = 128, new_tokens: int = 64, batch: in
     sync()
     t0 = time.perf_counter()
     t_first = None
-    for _ in engine._steps(prompts, params):
+    for _ in engine.steps(prompts, params):
         if t_first is None:
             sync()
             t_first = time.perf_counter()

@@ -32,6 +32,7 @@ class KVCache:
         self.lengths = [0] * batch  # positions seen per row (host side: no device sync to plan a step)
         self._rows = slice(0, batch)
         self._step = None
+        self._static: dict[tuple[int, int], StaticRows] = {}
 
     # -- views -------------------------------------------------------------------------------------------------
     def row(self, b: int) -> KVCache:
@@ -52,6 +53,14 @@ class KVCache:
         self.lengths[b] = 0
         self.ring_pos[b] = -1
 
+    def static(self, rows: int, slots: int) -> StaticRows:
+        """Rows [0, rows) over full-layer slots [0, slots), as a compiled decode step sees them (one object per
+        shape, so a CUDA graph always finds the same tensors)."""
+        key = (rows, slots)
+        if key not in self._static:
+            self._static[key] = StaticRows(self, rows, slots)
+        return self._static[key]
+
     def copy_row(self, src: int, dst: int) -> None:
         """Row ``dst`` becomes a copy of row ``src`` (the used part of every layer, the ring, the length)."""
         n = self.lengths[src]
@@ -61,6 +70,16 @@ class KVCache:
             v[dst, :, :used] = v[src, :, :used]
         self.ring_pos[dst] = self.ring_pos[src]
         self.lengths[dst] = n
+
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange rows ``a`` and ``b`` (every layer, the ring, the length)."""
+        if a == b:
+            return
+        for k, v in zip(self.k, self.v):
+            k[[a, b]] = k[[b, a]]
+            v[[a, b]] = v[[b, a]]
+        self.ring_pos[[a, b]] = self.ring_pos[[b, a]]
+        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
 
     def _lengths(self) -> list[int]:
         return self.lengths[self._rows]
@@ -73,18 +92,6 @@ class KVCache:
         """[B, T] positions continuing each row."""
         start = torch.tensor(self._lengths(), device=self.ring_pos.device)
         return start[:, None] + torch.arange(T, device=start.device)
-
-    def update_static(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor):
-        """Decode step of the whole batch with fixed shapes and no host-side bookkeeping, for torch.compile /
-        CUDA graphs: attend over every slot, let the position mask hide the unwritten and stale ones."""
-        k_buf, v_buf = self.k[layer], self.v[layer]
-        if self.ring[layer]:
-            slots = positions % self.chunk
-            _write(k_buf, v_buf, slots, k_new, v_new)
-            self.ring_pos.scatter_(1, slots, positions)  # the same write from every ring layer: harmless
-            return k_buf, v_buf, self.ring_pos
-        _write(k_buf, v_buf, positions, k_new, v_new)
-        return k_buf, v_buf, self.slot_pos
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor):
         lengths = self._lengths()
@@ -122,7 +129,11 @@ class KVCache:
             ring_pos.scatter_(1, slots, positions)
             k_pos = ring_pos[:, :min(self.chunk, used + 1)]
         else:
-            k_pos = torch.cat((ring_pos[:, :used], positions), dim=1)  # a copy: taken before the write below
+            # what the ring holds from before this step; a slot at or past the first new position can only be a
+            # padding row's write from a batched decode step that ran while this row was prefilling: hide it
+            held = ring_pos[:, :used]
+            held = held.masked_fill(held >= positions[:, :1], -1)
+            k_pos = torch.cat((held, positions), dim=1)  # a copy: taken before the write below
             ring_pos.scatter_(1, slots, positions[:, -keep:])
         return slots, keep, k_pos
 
@@ -139,3 +150,35 @@ def _write(k_buf: torch.Tensor, v_buf: torch.Tensor, slots_BT: torch.Tensor, k: 
     rows = torch.arange(slots_BT.shape[0], device=slots_BT.device)[:, None]
     k_buf[rows, :, slots_BT] = k.transpose(1, 2)  # the indexed dims lead: [B, T, KV, hd]
     v_buf[rows, :, slots_BT] = v.transpose(1, 2)
+
+
+class StaticRows:
+    """Rows [0, B) of a cache over full-layer slots [0, L), for a compiled decode step: fixed shapes, tensor-only
+    updates, no host bookkeeping (the caller advances the lengths of the rows that really decoded). Attends over
+    every slot and lets the position mask hide the unwritten and stale ones.
+
+    Rows past the running ones ride along as padding (a batch-size bucket): their write lands at their own
+    next position, which a free row ignores and a row in mid-prefill overwrites with its next chunk (the ring
+    hides it meanwhile, see ``KVCache._plan_ring_step``)."""
+
+    def __init__(self, cache: KVCache, rows: int, slots: int):
+        self.ring, self.chunk = cache.ring, cache.chunk
+        self.k = [k[:rows] if ring else k[:rows, :, :slots] for k, ring in zip(cache.k, cache.ring)]
+        self.v = [v[:rows] if ring else v[:rows, :, :slots] for v, ring in zip(cache.v, cache.ring)]
+        self.ring_pos, self.slot_pos = cache.ring_pos[:rows], cache.slot_pos[:rows, :slots]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.k, *self.v, self.ring_pos]
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor):
+        k_buf, v_buf = self.k[layer], self.v[layer]
+        if self.ring[layer]:
+            slots = positions % self.chunk
+            _write(k_buf, v_buf, slots, k_new, v_new)
+            self.ring_pos.scatter_(1, slots, positions)  # the same write from every ring layer: harmless
+            return k_buf, v_buf, self.ring_pos
+        _write(k_buf, v_buf, positions, k_new, v_new)
+        return k_buf, v_buf, self.slot_pos
+
+    def advance(self, T: int) -> None:
+        pass

@@ -33,6 +33,9 @@ class SamplingParams:
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}")
+        # torch.Generator.manual_seed takes [-2^63, 2^64)
+        if self.seed is not None and (not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**64):
+            raise ValueError(f"invalid sampling parameter seed={self.seed!r}: an integer in [-2^63, 2^64)")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
 

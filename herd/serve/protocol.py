@@ -89,6 +89,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+SEED_RANGE = 2**64  # OpenAI takes any integer as a seed; torch's generators take 64 bits: seeds are taken mod 2^64
+
+
 class _Sampling(BaseModel):
     """The sampling fields both endpoints share (OpenAI's names and bounds; top_k and min_p as vLLM extends)."""
 
@@ -139,7 +142,8 @@ class _Sampling(BaseModel):
                               min_p=self.min_p or 0.0, stop=list(self.stop or []),
                               presence_penalty=self.presence_penalty or 0.0,
                               frequency_penalty=self.frequency_penalty or 0.0, logit_bias=bias,
-                              logprobs=self.n_logprobs, seed=None if self.seed is None else self.seed + index)
+                              logprobs=self.n_logprobs,
+                              seed=None if self.seed is None else (self.seed + index) % SEED_RANGE)
 
 
 class ChatRequest(_Sampling):

@@ -1,34 +1,33 @@
-"""Continuous batching: one thread owns the model and a batch-shaped KV cache; requests join the running decode
-batch as soon as a row is free and leave it the step they finish.
+"""Continuous batching: one thread steps the decode core (herd.infer.core) — the same core ``Engine.generate``
+runs — admitting waiting sequences as soon as a row is free; a sequence leaves the batch the step it finishes.
 
-Layout of the cache rows (``max_batch + 1`` of them):
-  [0, n)       the running sequences, kept contiguous so a decode step is one forward over ``cache.rows(0, n)``;
-               a finished row is filled by moving the last running row into it;
-  max_batch    the prefill row: waiting sequences are prefilled there one at a time, at most ``prefill_chunk``
-               prompt tokens per scheduler iteration between decode steps (a long prompt delays the running
-               streams by a chunk, not by the whole prompt; many short ones join in one iteration); a prefilled
-               row is copied to slot n and starts decoding.
+Each iteration prefills up to ``prefill_chunk`` prompt tokens (a long prompt delays the running streams by a
+chunk, not by the whole prompt; many short ones join in one iteration, batched where exact), then decodes one
+token for every running sequence, through the engine's compiled step when it has one.
 
 Every sequence keeps its own sampling parameters and random generator, so a request's output does not depend on
 what else is in the batch: greedy rows are the same as ``Engine.generate`` gives alone, and so are seeded sampled
 rows. Results leave the thread through each sequence's ``on_event`` callback (the server forwards them to its
-event loop); a cancelled sequence (client gone) frees its row at the next step.
+event loop). Every sequence gets a last event, whatever fails: its own start (a bad seed), its prefill (an
+image the vision tower rejects), or a whole step (a bug, out of memory: everything in flight fails, the
+scheduler keeps serving). A cancelled sequence (client gone) frees its row at the next step.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from herd.infer.cache import KVCache
-from herd.infer.engine import Engine, Row
-from herd.infer.sampling import SamplingParams, TokenLogprob, sample, token_logprobs
+from herd.infer import core
+from herd.infer.engine import Engine
+from herd.infer.sampling import SamplingParams, TokenLogprob
 
 log = logging.getLogger("herd.serve")
 
@@ -53,29 +52,19 @@ class Event:
     prompt_logprobs: list[TokenLogprob] | None = None  # on the first event, when asked for: prompt tokens 2..T
 
 
-class Sequence:
-    """One completion to generate: a prompt (ids, image tiles), its sampling parameters and where its events go."""
+class Sequence(core.Sequence):
+    """A sequence of the server: where its events go, and what of it was already reported."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], None],
                  pixels: torch.Tensor | None = None, prompt_logprobs: int | None = None):
-        """``prompt_logprobs``: also report the prompt tokens' logprobs with this many alternatives."""
-        self.prompt, self.params, self.on_event, self.pixels = prompt, params, on_event, pixels
-        self.prompt_logprobs = prompt_logprobs
-        self.prompt_unsent: list[TokenLogprob] | None = None
-        self.row: Row | None = None
-        self.generator: torch.Generator | None = None
-        self.chunks: Iterator[torch.Tensor | None] | None = None
-        self.pending = 0  # the sampled token the next decode step feeds
-        self.prefilled = 0  # prompt tokens in the cache so far
-        self.cancelled = False
-        self.counts: torch.Tensor | None = None  # [V] times each token was generated (presence/frequency penalty)
+        super().__init__(prompt, params, pixels, prompt_logprobs)
+        self.on_event = on_event
+        self.reported = 0  # tokens already in an event
         self.logprobs_sent = 0  # row.logprobs already in an event
+        self.scored_sent = False
+        self.ended = False  # its last event is out
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
-
-    def cancel(self) -> None:
-        """Thread-safe: the scheduler drops the sequence at its next step."""
-        self.cancelled = True
 
 
 @dataclass
@@ -95,13 +84,12 @@ class Scheduler:
         cfg = engine.model.cfg
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
-        self.cache = KVCache(cfg, max_batch + 1, self.max_len, engine.dtype, engine.device)
+        self.core = engine.core(max_batch, self.max_len)
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.prefilling: Sequence | None = None
         self.stats = Stats()
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._updates: queue.Queue = queue.Queue()  # (weights, done event, [error]) for the scheduler thread
         self._thread: threading.Thread | None = None
         self._stop = False
 
@@ -121,13 +109,32 @@ class Scheduler:
             self.waiting.extend(seqs)
         self._wake.set()
 
+    def update_weights(self, weights: Mapping[str, torch.Tensor], timeout: float | None = None) -> None:
+        """Load new weights into the live engine between two steps (``Engine.update_weights``): sequences in
+        flight are prefilled again on the new weights and go on from there. Returns once applied; raises what
+        the engine raised for a bad update (which then changed nothing)."""
+        if self._thread is None or not self._thread.is_alive():
+            self.engine.update_weights(weights)
+            return
+        done, error = threading.Event(), []
+        self._updates.put((weights, done, error))
+        self._wake.set()
+        if not done.wait(timeout):
+            raise TimeoutError("the scheduler did not reach a step boundary in time")
+        if error:
+            raise error[0]
+
     @property
     def queue_depth(self) -> int:
         return len(self.waiting)
 
     @property
+    def running(self) -> list[Sequence]:
+        return self.core.running
+
+    @property
     def n_running(self) -> int:
-        return len(self.running) + (self.prefilling is not None)
+        return self.max_batch - self.core.free_rows
 
     def start(self) -> Scheduler:
         self._stop = False
@@ -140,9 +147,8 @@ class Scheduler:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        for s in [*self.running, *self.waiting, *([self.prefilling] if self.prefilling else [])]:
-            self._finish(s, "cancelled", error="the server is shutting down")
-        self.running, self.prefilling = [], None
+        for s in [*self.core.fail_all(RuntimeError("the server is shutting down")), *self.waiting]:
+            self._end(s, "cancelled", "the server is shutting down")
         self.waiting.clear()
 
     def _loop(self) -> None:
@@ -151,38 +157,37 @@ class Scheduler:
                 busy = self.step()
             except Exception as e:  # a bug or an out-of-memory: fail what is in flight, keep serving
                 log.exception("scheduler step failed; failing the %d sequences in flight", self.n_running)
-                for s in [*self.running, *([self.prefilling] if self.prefilling else [])]:
-                    self._finish(s, "error", error=f"internal error: {type(e).__name__}: {e}")
-                self.running, self.prefilling = [], None
+                for s in self.core.fail_all(e):
+                    self._end(s, "error", f"internal error: {type(e).__name__}: {e}")
                 busy = True
             if not busy:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
 
     # -- the scheduler thread ---------------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self) -> bool:
-        """One iteration: drop cancelled sequences, prefill up to ``prefill_chunk`` prompt tokens (admitting
-        waiting sequences while rows are free: many short prompts join in one iteration), then one decode step.
-        Returns whether there was anything to do."""
+        """One iteration: apply a pending weight update, drop cancelled sequences, admit waiting ones while rows
+        are free, then one core step (prefill up to ``prefill_chunk`` tokens, one decode step). Returns whether
+        there was anything to do."""
+        self._apply_updates()
         self._drop_cancelled()
-        busy, budget = False, self.engine.prefill_chunk
-        while budget > 0:
-            if self.prefilling is None:
-                if len(self.running) >= self.max_batch or not self.waiting:
-                    break
-                with self._lock:
-                    seq = self.waiting.popleft()
-                self._start_prefill(seq)
-            seq, busy = self.prefilling, True
-            n = min(self.engine.prefill_chunk, len(seq.prompt) - seq.prefilled)
-            self._prefill_chunk()
-            seq.prefilled += n
-            budget -= n
-        if self.running:
-            self._decode_step()
-            busy = True
-        return busy
+        busy = self._admit()
+        if not self.core.busy:
+            return busy
+        for seq in self.core.step(budget=self.engine.prefill_chunk):
+            self._report(seq)
+        self.stats.decode_steps, self.stats.prefill_chunks = self.core.decode_steps, self.core.prefill_forwards
+        self.stats.max_running = max(self.stats.max_running, len(self.core.running))
+        return True
+
+    def _apply_updates(self) -> None:
+        while not self._updates.empty():
+            weights, done, error = self._updates.get()
+            try:
+                self.engine.update_weights(weights)
+            except Exception as e:
+                error.append(e)
+            done.set()
 
     def _drop_cancelled(self) -> None:
         if any(s.cancelled for s in self.waiting):
@@ -190,119 +195,63 @@ class Scheduler:
                 gone = [s for s in self.waiting if s.cancelled]
                 self.waiting = deque(s for s in self.waiting if not s.cancelled)
             for s in gone:
-                self._finish(s, "cancelled")
-        if self.prefilling is not None and self.prefilling.cancelled:
-            self._finish(self.prefilling, "cancelled")
-            self.prefilling = None
-        for s in [s for s in self.running if s.cancelled]:
-            self._retire(s, "cancelled")
+                self._end(s, "cancelled")
 
-    def _start_prefill(self, seq: Sequence) -> None:
-        engine, slot = self.engine, self.max_batch
-        seq.row = Row(seq.prompt, engine.tokenizer, seq.params, engine.stop_ids(seq.params))
-        if seq.params.seed is not None:
-            seq.generator = torch.Generator(device=engine.device).manual_seed(seq.params.seed)
-        if seq.params.counts_output:
-            seq.counts = torch.zeros(engine.model.cfg.vocab_size, dtype=torch.int32, device=engine.device)
-        self.cache.reset_row(slot)
-        want = None
-        if seq.prompt_logprobs is not None:
-            seq.prompt_unsent = []
-            want = (seq.prompt_logprobs, seq.prompt_unsent)
-        seq.chunks = engine.prefill_chunks(self.cache.row(slot), seq.prompt, seq.pixels, want)
-        self.prefilling = seq
+    def _admit(self) -> bool:
+        admitted = False
+        while self.waiting and self.core.free_rows:
+            with self._lock:
+                seq = self.waiting.popleft()
+            admitted = True
+            if seq.cancelled:
+                self._end(seq, "cancelled")
+            elif not self.core.add(seq):  # nothing to generate, or it could not start (seq.error)
+                self._report(seq)
+        return admitted
 
-    def _prefill_chunk(self) -> None:
-        seq = self.prefilling
-        try:
-            logits = next(seq.chunks)
-        except Exception as e:  # e.g. an image the vision tower rejects: this request fails, not the batch
-            log.warning("prefill failed: %s", e)
-            self.prefilling = None
-            self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+    def _report(self, seq: Sequence) -> None:
+        """Send what is new of a sequence: text, logprobs, and its end when it ended."""
+        if seq.ended:
             return
-        self.stats.prefill_chunks += 1
-        if logits is None:
-            return
-        self.prefilling, seq.chunks = None, None
-        self.stats.prompt_tokens += len(seq.prompt)
-        if seq.params.max_new_tokens == 0:
-            self._finish(seq, "length")
-            return
-        (token, logprob), = self._sample(logits[None], [seq])
-        if self._push(seq, token, logprob):
-            self.stats.finished += 1
-            return
-        slot = len(self.running)
-        self.cache.copy_row(self.max_batch, slot)
-        self.running.append(seq)
-        self.stats.max_running = max(self.stats.max_running, len(self.running))
-
-    def _decode_step(self) -> None:
-        n = len(self.running)
-        ids = torch.tensor([[s.pending] for s in self.running], device=self.engine.device)
-        logits = self.engine.model(ids, cache=self.cache.rows(0, n), last_only=True)[:, -1].float()
-        self.stats.decode_steps += 1
-        for seq, (token, logprob) in zip(list(self.running), self._sample(logits, self.running)):
-            if self._push(seq, token, logprob):
-                self._retire(seq, None)
-
-    def _sample(self, logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
-        """Each row by its own parameters: plain greedy rows share one argmax, the others go through their own
-        logit adjustments and generator (the draws equal what ``Engine.generate`` makes for that request alone).
-        With each token, its logprobs when the row asked for them."""
-        out = logits_BV.argmax(-1).tolist()
-        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
-        for b, seq in enumerate(seqs):
-            p = seq.params
-            if not p.greedy or p.adjusts_logits:
-                counts = seq.counts[None] if seq.counts is not None else None
-                out[b] = sample(logits_BV[b:b + 1], p, generator=seq.generator, counts_BV=counts).item()
-            if p.logprobs is not None:
-                chosen = torch.tensor([out[b]], device=logits_BV.device)
-                logprobs[b] = token_logprobs(logits_BV[b:b + 1], chosen, p.logprobs)[0]
-        return list(zip(out, logprobs))
-
-    def _push(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> bool:
-        """Record a sampled token and report the new text; True when the sequence is done."""
+        if seq.cancelled:
+            return self._end(seq, "cancelled")
+        if seq.error is not None:
+            log.warning("sequence failed: %s", seq.error)
+            return self._end(seq, "error", f"{type(seq.error).__name__}: {seq.error}")
         row = seq.row
-        row.push(token, logprob)
-        seq.pending = token
-        if seq.counts is not None:
-            seq.counts[token] += 1
-        self.stats.generated_tokens += 1
-        if seq.first_token_at is None:
-            seq.first_token_at = time.monotonic()
+        new = len(row.ids) - seq.reported
+        if new:
+            self.stats.generated_tokens += new
+            seq.reported = len(row.ids)
+            if seq.first_token_at is None:
+                seq.first_token_at = time.monotonic()
+        if seq.scored is not None and not seq.scored_sent and seq.prefilled == len(seq.feed):
+            self.stats.prompt_tokens += len(seq.prompt)
+        elif seq.scored is None and new and seq.reported == new:
+            self.stats.prompt_tokens += len(seq.prompt)
         delta = row.delta()
-        if row.done or delta:
-            logprobs = None
-            if row.logprobs is not None:  # those since the last event, but a stop token's
-                end = len(row.logprobs) - (row.reason == "stop_token")
-                logprobs, seq.logprobs_sent = row.logprobs[seq.logprobs_sent:end], end
-            seq.on_event(Event(delta, len(row.ids), FINISH[row.reason] if row.done else None, logprobs=logprobs,
-                               prompt_logprobs=self._take_prompt_logprobs(seq)))
-        return row.done
-
-    @staticmethod
-    def _take_prompt_logprobs(seq: Sequence) -> list[TokenLogprob] | None:
-        out, seq.prompt_unsent = seq.prompt_unsent, None
-        return out
-
-    def _retire(self, seq: Sequence, reason: str | None) -> None:
-        """Free a running sequence's row: the last running row moves into it, keeping [0, n) contiguous."""
-        slot, last = self.running.index(seq), len(self.running) - 1
-        if slot != last:
-            self.cache.copy_row(last, slot)
-            self.running[slot] = self.running[last]
-        self.running.pop()
-        if reason is not None:
-            self._finish(seq, reason)
-        else:
+        if not (row.done or delta):
+            return
+        logprobs = None
+        if row.logprobs is not None:  # those since the last event, but a stop token's
+            end = len(row.logprobs) - (row.reason == "stop_token")
+            logprobs, seq.logprobs_sent = row.logprobs[seq.logprobs_sent:end], end
+        if row.done:
             self.stats.finished += 1
+        self._send(seq, core_event := Event(delta, len(row.ids), FINISH[row.reason] if row.done else None,
+                                            logprobs=logprobs))
+        seq.ended = core_event.finish_reason is not None
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        n = len(seq.row.ids) if seq.row is not None else 0
+    def _end(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if not seq.ended:
+            seq.ended = True
+            self._send(seq, Event("", len(seq.row.ids) if seq.row is not None else 0, reason, error))
+
+    def _send(self, seq: Sequence, ev: Event) -> None:
+        if seq.scored is not None and not seq.scored_sent and seq.prefilled == len(seq.feed):
+            ev.prompt_logprobs, seq.scored_sent = seq.scored, True
         try:
-            seq.on_event(Event("", n, reason, error, prompt_logprobs=self._take_prompt_logprobs(seq)))
+            seq.on_event(ev)
         except Exception:  # the receiver is gone: nothing left to tell
-            log.debug("could not deliver the end of a sequence", exc_info=True)
+            log.debug("could not deliver an event", exc_info=True)
+            seq.cancel()
