@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import herd_from_hf, hf_text_model  # noqa: E402  (same weights in both implementations)
 
 from herd.config import preset  # noqa: E402
+from herd.model.moe import pick_grouped_mm_backend, set_grouped_mm_backend  # noqa: E402
 from report import append_results, describe  # noqa: E402
 
 # a small Scout-shaped MoE: every layer MoE, 16 experts top-1, chunked local + NoPE global layers
@@ -52,6 +53,7 @@ def run(tokens: int, device: str, repeats: int) -> list[dict]:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         hf.to(dtype), ours.to(dtype)
+        set_grouped_mm_backend(ours, pick_grouped_mm_backend(device, dtype))
         with torch.inference_mode():
             t_hf = _time(lambda: hf(ids, use_cache=False), repeats, device)
             t_herd = _time(lambda: ours(ids), repeats, device)

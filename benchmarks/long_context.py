@@ -26,6 +26,7 @@ from herd.cli import parse_token_count
 from herd.eval.niah import short_count
 from herd.infer.bench import peak_rss_mb
 from herd.infer.cache import KVCache
+from herd.model.moe import pick_grouped_mm_backend, set_grouped_mm_backend
 
 from report import append_results, describe
 
@@ -88,6 +89,7 @@ def main() -> None:
     model = load(default_model_dir(), dtype=torch.bfloat16)
     model.cfg = model.cfg.replace(max_seq_len=max(contexts) + a.new_tokens + 1)
     model.eval()
+    set_grouped_mm_backend(model, pick_grouped_mm_backend("cpu", torch.bfloat16))
     rows = []
     for ctx in contexts:
         rows.append(measure(model, ctx, a.new_tokens, parse_token_count(a.max_prefill)))
