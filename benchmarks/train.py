@@ -32,12 +32,12 @@ from report import append_results, describe  # noqa: E402
 def herd_step_fn(cfg, dtype: str, activation_checkpointing: bool = False):
     from herd.model import Transformer
     from herd.train.losses import cross_entropy, load_balancing_loss
-    from herd.train.parallelize import apply_activation_checkpointing
+    from herd.train.config import TrainSpec
+    from herd.train.distributed import World
+    from herd.train.parallelize import parallelize
 
     torch.manual_seed(0)
-    model = Transformer(cfg)
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
+    model = parallelize(Transformer(cfg), TrainSpec(activation_checkpointing=activation_checkpointing), World())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step(tokens, targets):

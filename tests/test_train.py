@@ -215,7 +215,7 @@ def test_doc_ids_with_cache_is_an_error():
 
 
 def test_activation_checkpointing_recomputes_the_same_step():
-    """parallelize's activation checkpointing: the plain model's state dict names, loss and gradients, while
+    """parallelize picks the training backend of the experts' grouped matmuls; its activation checkpointing: the plain model's state dict names, loss and gradients, while
     autograd keeps a fraction of the tensors (each block's inputs; the rest is recomputed in the backward)."""
     tokens = torch.randint(0, 97, (2, 33), generator=torch.Generator().manual_seed(1))
 
@@ -223,6 +223,7 @@ def test_activation_checkpointing_recomputes_the_same_step():
         torch.manual_seed(0)
         model = parallelize(Transformer(preset("tiny").replace(vocab_size=97)),
                             TrainSpec(activation_checkpointing=checkpointed), World())
+        assert {m.experts.backend for m in model.modules() if isinstance(m, MoE)} == {"grouped_autograd"}  # CPU
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
             loss, _ = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])

@@ -1,8 +1,9 @@
 """FP8 training as a transform applied from outside the model: ``apply_fp8(model, recipe, backend)``.
 
-Numerics are torchao's float8 training recipes, matmul by matmul. For ``y = x @ w.T`` (x [T, K], w [N, K]) the
-forward casts x and w to e4m3; the backward casts the output gradient g and computes ``grad_x = g8 @ w8`` and
-``grad_w = g8.T @ x8``. Each operand of each of the three matmuls is scaled along that matmul's contracted dim:
+Numerics are torchao's float8 training recipes, matmul by matmul. For ``y_MN = x_MK @ w_NK.T`` (the GEMM
+convention of herd.model: M rows, K in, N out) the forward casts x and w to e4m3; the backward casts the output
+gradient g_MN and computes ``grad_x_MK = g8 @ w8`` and ``grad_w_NK = g8.T @ x8``. Each operand of each of the
+three matmuls is scaled along that matmul's contracted dim:
 
 * ``tensorwise``: one scale per tensor (amax / 448 for e4m3), gradients in e5m2;
 * ``rowwise``: one scale per row of the contracted dim (x per token and w per output channel in the forward, w per
@@ -106,69 +107,72 @@ def _quantizer(r: Fp8Recipe, out_dtype: torch.dtype):
 
 
 class _Fp8LinearFn(torch.autograd.Function):
+    """x [..., K] (the leading dims are the M rows), w_NK -> y [..., N]."""
+
     @staticmethod
-    def forward(ctx, x, w, recipe: Fp8Recipe, out_dtype: torch.dtype):
-        ctx.save_for_backward(x, w)
+    def forward(ctx, x, w_NK, recipe: Fp8Recipe, out_dtype: torch.dtype):
+        ctx.save_for_backward(x, w_NK)
         ctx.recipe = recipe
         q = _quantizer(recipe, out_dtype)
         with _no_autocast(x):
-            y = q(x.reshape(-1, x.shape[-1]), E4M3, recipe.dim(-1)) @ q(w, E4M3, recipe.dim(-1)).T
-        return _cast_out(y, out_dtype, recipe).reshape(*x.shape[:-1], w.shape[0])
+            y_MN = q(x.reshape(-1, x.shape[-1]), E4M3, recipe.dim(-1)) @ q(w_NK, E4M3, recipe.dim(-1)).T
+        return _cast_out(y_MN, out_dtype, recipe).reshape(*x.shape[:-1], w_NK.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        x, w = ctx.saved_tensors
+        x, w_NK = ctx.saved_tensors
         r = ctx.recipe
         q = _quantizer(r, g.dtype)
-        g_TN, x_TK = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        g_MN, x_MK = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         with _no_autocast(x):
-            grad_x = q(g_TN, r.grad_dtype, r.dim(-1)) @ q(w, E4M3, r.dim(0))
-            grad_w = q(g_TN, r.grad_dtype, r.dim(0)).T @ q(x_TK, E4M3, r.dim(0))
+            grad_x_MK = q(g_MN, r.grad_dtype, r.dim(-1)) @ q(w_NK, E4M3, r.dim(0))
+            grad_w_NK = q(g_MN, r.grad_dtype, r.dim(0)).T @ q(x_MK, E4M3, r.dim(0))
         # in g's dtype, as the kernels write them; autograd casts to x's and w's
-        return _cast_out(grad_x, g.dtype, r).reshape(x.shape), _cast_out(grad_w, g.dtype, r), None, None
+        return (_cast_out(grad_x_MK, g.dtype, r).reshape(x.shape), _cast_out(grad_w_NK, g.dtype, r), None,
+                None)
 
 
 class _Fp8GroupedMMFn(torch.autograd.Function):
-    """x [T, K] sorted by expert, w [E, N, K] (out x in), offsets_E the cumulative group ends."""
+    """x_MK sorted by expert, w_ENK (out x in), offsets_E the cumulative group ends -> y_MN."""
 
     @staticmethod
-    def forward(ctx, x, w, offsets_E, recipe: Fp8Recipe, out_dtype: torch.dtype):
-        ctx.save_for_backward(x, w, offsets_E)
+    def forward(ctx, x_MK, w_ENK, offsets_E, recipe: Fp8Recipe, out_dtype: torch.dtype):
+        ctx.save_for_backward(x_MK, w_ENK, offsets_E)
         ctx.recipe = recipe
         q = _quantizer(recipe, out_dtype)
         w_dim = -1 if recipe.rowwise else (-2, -1)  # per expert and output channel / per expert
-        with _no_autocast(x):
-            return grouped_mm(q(x, E4M3, recipe.dim(-1)), q(w, E4M3, w_dim), offsets_E).to(out_dtype)
+        with _no_autocast(x_MK):
+            return grouped_mm(q(x_MK, E4M3, recipe.dim(-1)), q(w_ENK, E4M3, w_dim), offsets_E).to(out_dtype)
 
     @staticmethod
-    def backward(ctx, g):
-        x, w, offsets_E = ctx.saved_tensors
+    def backward(ctx, g_MN):
+        x_MK, w_ENK, offsets_E = ctx.saved_tensors
         r = ctx.recipe
-        q = _quantizer(r, g.dtype)
+        q = _quantizer(r, g_MN.dtype)
         w_dim = -2 if r.rowwise else (-2, -1)  # contracted over the output channels now
-        g_rows = q(g, r.grad_dtype, r.dim(-1))  # per token, or (tensorwise) the whole tensor
-        g8, x8 = (None, None) if r.rowwise else (g_rows, q(x, E4M3))
-        grad_w, start = torch.zeros(w.shape, dtype=_compute_dtype(r, g.dtype), device=w.device), 0
-        with _no_autocast(x):
-            grad_x = grouped_mm(g_rows, q(w, E4M3, w_dim).transpose(-2, -1), offsets_E)
+        g_rows = q(g_MN, r.grad_dtype, r.dim(-1))  # per row, or (tensorwise) the whole tensor
+        g8, x8 = (None, None) if r.rowwise else (g_rows, q(x_MK, E4M3))
+        grad_w_ENK, start = torch.zeros(w_ENK.shape, dtype=_compute_dtype(r, g_MN.dtype), device=w_ENK.device), 0
+        with _no_autocast(x_MK):
+            grad_x_MK = grouped_mm(g_rows, q(w_ENK, E4M3, w_dim).transpose(-2, -1), offsets_E)
             for e, end in enumerate(offsets_E.tolist()):
-                if end > start:  # rowwise: the group's own column scales over its tokens
-                    g_e = g8[start:end] if g8 is not None else q(g[start:end], r.grad_dtype, 0)
-                    x_e = x8[start:end] if x8 is not None else q(x[start:end], E4M3, 0)
-                    grad_w[e] = g_e.T @ x_e
+                if end > start:  # rowwise: the group's own column scales over its rows
+                    g_e = g8[start:end] if g8 is not None else q(g_MN[start:end], r.grad_dtype, 0)
+                    x_e = x8[start:end] if x8 is not None else q(x_MK[start:end], E4M3, 0)
+                    grad_w_ENK[e] = g_e.T @ x_e
                 start = end
-        return grad_x.to(g.dtype), grad_w.to(g.dtype), None, None, None
+        return grad_x_MK.to(g_MN.dtype), grad_w_ENK.to(g_MN.dtype), None, None, None
 
 
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, recipe: str | Fp8Recipe = "tensorwise") -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, w_NK: torch.Tensor, recipe: str | Fp8Recipe = "tensorwise") -> torch.Tensor:
     r = recipe if isinstance(recipe, Fp8Recipe) else Fp8Recipe.of(recipe)
-    return _Fp8LinearFn.apply(x, w, r, _out_dtype(x))
+    return _Fp8LinearFn.apply(x, w_NK, r, _out_dtype(x))
 
 
-def fp8_grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor,
+def fp8_grouped_mm(x_MK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor,
                    recipe: str | Fp8Recipe = "tensorwise") -> torch.Tensor:
     r = recipe if isinstance(recipe, Fp8Recipe) else Fp8Recipe.of(recipe)
-    return _Fp8GroupedMMFn.apply(x_TK, w_ENK, offsets_E, r, _out_dtype(x_TK))
+    return _Fp8GroupedMMFn.apply(x_MK, w_ENK, offsets_E, r, _out_dtype(x_MK))
 
 
 def _fp8_ok(m: nn.Linear) -> bool:
@@ -224,10 +228,10 @@ class Fp8Experts(Experts):
     """Experts with the emulated FP8 grouped matmuls; made by a class swap like Fp8Linear."""
     recipe: Fp8Recipe
 
-    def forward(self, x_TK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_RD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         gate_up_ENK, down_ENK = self.local_weights()
-        gate, up = fp8_grouped_mm(x_TK, gate_up_ENK, offsets_E, self.recipe).chunk(2, dim=-1)
-        return fp8_grouped_mm(torch.nn.functional.silu(gate) * up, down_ENK, offsets_E, self.recipe)
+        gate_RF, up_RF = fp8_grouped_mm(x_RD, gate_up_ENK, offsets_E, self.recipe).chunk(2, dim=-1)
+        return fp8_grouped_mm(torch.nn.functional.silu(gate_RF) * up_RF, down_ENK, offsets_E, self.recipe)
 
 
 def to_fp8(m: nn.Linear | Experts, recipe: Fp8Recipe) -> None:

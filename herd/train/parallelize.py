@@ -3,6 +3,9 @@
 is a module class swap or a hook from outside, so parameter names, and so state dicts, optimizers and DCP
 checkpoints, are those of the plain model. The order is fixed:
 
+0. **Grouped-matmul backend**: the routed experts' fastest eager backend for training on the weights' device
+   (``pick_grouped_mm_backend``; on CPU torch's grouped kernel with a grouped backward). An ``Experts``
+   attribute, so the class swaps below keep it; FP8 experts multiply with their own casts instead.
 1. **FP8** (``train.fp8``): swaps ``nn.Linear`` for ``Fp8Linear`` or torchao's ``Float8Linear`` and ``Experts`` for
    ``Fp8Experts``. First, because torchao builds each ``Float8Linear`` from a plain ``nn.Linear`` holding its full
    weight, and every later step must wrap the modules that will really run.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from herd.model.moe import pick_grouped_mm_backend, set_grouped_mm_backend
 from herd.model.transformer import Block, Transformer
 from herd.train.config import TrainSpec
 from herd.train.distributed import World, apply_fsdp
@@ -44,6 +48,8 @@ def apply_activation_checkpointing(model: Transformer) -> None:
 def parallelize(model: Transformer, train: TrainSpec, world: World) -> Transformer:
     """Apply ``train``'s FP8, activation checkpointing, expert parallelism and FSDP to ``model`` in place, in the
     module doc's order. Every rank must hold the same full weights before."""
+    weight = next(model.parameters())
+    set_grouped_mm_backend(model, pick_grouped_mm_backend(weight.device, weight.dtype))
     if train.fp8:
         apply_fp8(model, train.fp8, train.fp8_backend)
     if train.activation_checkpointing:
