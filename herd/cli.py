@@ -114,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
               file=sys.stderr)
     if args.media_dir is not None and not args.media_dir.is_dir():
         raise HerdError(f"--media-dir {args.media_dir} is not a directory")
-    llm = load(args.model_dir, dtype=args.dtype, device=args.device)
+    llm = load(args.model_dir, dtype=args.dtype, device=args.device, compile=args.compile)
     name = args.model_name or Path(args.model_dir or default_model_dir()).name
     print(f"herd: serving {name} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, "
           f"queue {args.max_queue})", file=sys.stderr, flush=True)
@@ -313,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or set HERD_API_KEY)")
     s.add_argument("--model-name", default=None, help="the model id clients ask for (default: the directory name)")
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    s.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (CUDA graphs on GPU), one graph per batch-size bucket "
+                        "(1, 2, 4, ...), each compiled the first time the batch reaches it")
     s.add_argument("--max-queue", type=int, default=256, help="waiting sequences before requests get 429")
     s.add_argument("--max-tokens-limit", type=int, default=None, help="the largest max_tokens a request may ask for")
     s.add_argument("--max-model-len", type=int, default=None,

@@ -403,6 +403,57 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server):
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
 
 
+# Values a client may send in any numeric or structural field: huge, negative, fractional, wrong-typed, empty, and
+# the NaN / Infinity literals Python's json writes and reads.
+ODD = [2**64 - 1, 2**64, 2**70, -2**70, -1, 0, 1, 1.5, 1e308, float("nan"), float("inf"), "7", "", None, True, [], {},
+       [1, "x"], {"a": 1}]
+CHAT_FIELDS = ["seed", "temperature", "top_p", "top_k", "min_p", "n", "max_tokens", "max_completion_tokens",
+               "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "logit_bias", "stop", "stream",
+               "stream_options", "tools", "tool_choice", "messages", "model", "user"]
+STREAMED = {"seed", "n", "max_tokens", "logprobs", "top_logprobs", "stop", "logit_bias", "messages", "prompt", "echo"}
+COMPLETION_FIELDS = ["seed", "temperature", "n", "max_tokens", "logprobs", "echo", "stop", "prompt", "best_of",
+                     "logit_bias", "stream"]
+
+
+def _answer_or_4xx(url, path, body):
+    """The request's status and, for a stream, that it ended ([DONE] or an error event); raises on a time-out."""
+    r = post(url, path, body)
+    assert r.status_code == 200 or 400 <= r.status_code < 500, (path, body, r.status_code, r.text[:300])
+    if r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"):
+        assert r.text.rstrip().endswith("data: [DONE]") or '"error"' in r.text, (body, r.text[-300:])
+    elif r.status_code == 200:
+        assert all(c["finish_reason"] for c in r.json()["choices"]), (body, r.text[:300])
+    else:
+        assert r.json()["error"]["message"], (body, r.text)
+    return r.status_code
+
+
+def test_fuzzed_fields_get_an_answer_or_a_4xx_in_bounded_time(server):
+    """Every numeric and structural field of both endpoints, with each odd value (streamed too where the stream
+    path differs): a 4xx naming
+    the problem, or an answer; never a hang (the client times out after 60 s), never a 5xx. (A seed beyond 64
+    bits used to pass validation and then fail inside the scheduler thread, leaving the client waiting.)"""
+    url, app = server
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    completion = {"model": NAME, "prompt": "Hi", "max_tokens": 2}
+    seen = set()
+    for path, base, fields in (("/v1/chat/completions", chat, CHAT_FIELDS),
+                               ("/v1/completions", completion, COMPLETION_FIELDS)):
+        for field in fields:
+            for value in ODD:
+                for stream in (False, True) if field in STREAMED else (False,):
+                    seen.add(_answer_or_4xx(url, path, {**base, field: value, "stream": stream}
+                                            if field != "stream" else {**base, field: value}))
+    for value in (2**64 + 5, -2**63 - 1, 10**40):  # any integer is a seed, as OpenAI's API takes it
+        r = post(url, "/v1/chat/completions", {**chat, "seed": value, "temperature": 1.0, "n": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
+        r = post(url, "/v1/completions", {**completion, "seed": value, "temperature": 1.0, "stream": True})
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]"), r.text
+    assert seen == {200, 400, 404}
+    assert app.state.scheduler.n_running == 0 and app.state.scheduler.queue_depth == 0
+    assert post(url, "/v1/chat/completions", chat).status_code == 200
+
+
 def test_api_key(pico):
     with live(pico, max_batch=2, max_len=256, api_key="s3cret") as (url, _):
         with pytest.raises(openai.AuthenticationError):
