@@ -1,6 +1,7 @@
 """Serving throughput of `herd serve` under concurrent clients, against sequential serving measured in the same run.
 
-    python benchmarks/serve.py [--configs medium] [--dtype bf16] [--concurrency 1,8,32] [--new-tokens 32] [--write]
+    python benchmarks/serve.py [--configs medium] [--dtype bf16] [--concurrency 1,8,32] [--new-tokens 32] [--compile]
+                               [--write]
 
 For each config (benchmarks/configs.py, random weights) the script starts `herd serve` in its own process on
 loopback and drives it with the official openai client from threads:
@@ -10,6 +11,12 @@ loopback and drives it with the official openai client from threads:
   after a 32-token prompt (no stop token: every request generates exactly that many).
 It reports requests/s, generated tokens/s, the ratio of tokens/s to the sequential anchor, the mean time to first
 token, and the mean decode batch (decode tokens / decode steps, from the server's /metrics).
+
+With ``--compile`` the server decodes through torch.compile (`herd serve --compile`): each level runs once
+untimed first, so that the graphs of the batch-size buckets it reaches are compiled before it is measured. A
+second anchor is then `herd generate --compile` itself, outside any server: `herd bench --compile` on the same
+prompt length and token count, counted end to end (prefill + decode), so that "vs generate" is the server's
+overhead for one client.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import json
+
 import httpx
 import torch
 
@@ -35,14 +44,14 @@ NAME = "bench"
 
 
 @contextmanager
-def server(model_dir: Path, dtype: str, max_batch: int):
+def server(model_dir: Path, dtype: str, max_batch: int, compile: bool = False):
     """`herd serve` in its own process (its GIL is not shared with the client threads); yields the base URL."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", str(model_dir), "--dtype", dtype,
                              "--port", str(port), "--max-batch", str(max_batch), "--max-model-len", "1024",
-                             "--model-name", NAME, "--log-level", "warning"])
+                             "--model-name", NAME, "--log-level", "warning", *(["--compile"] if compile else [])])
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -99,13 +108,27 @@ def run_level(url: str, clients: int, total: int, new_tokens: int, offset: int, 
             "ttft_s": sum(r[0] for r in results) / total, "tokens": tokens}
 
 
-def bench_config(name: str, dtype: str, levels: list[int], new_tokens: int, sequential: int) -> list[dict]:
+def generate_tok_s(model_dir: Path, dtype: str, new_tokens: int, compile: bool) -> float:
+    """`herd generate`'s tokens/s for one 32-token prompt, end to end (prefill + decode), from `herd bench`."""
+    out = subprocess.run([sys.executable, "-m", "herd.cli", "bench", str(model_dir), "--prompt-len", "32",
+                          "--new-tokens", str(new_tokens), "--dtype", dtype, "--json",
+                          *(["--compile"] if compile else [])], check=True, capture_output=True, text=True)
+    r = json.loads(out.stdout)
+    return new_tokens / (r["prefill_s"] + r["decode_s"])
+
+
+def bench_config(name: str, dtype: str, levels: list[int], new_tokens: int, sequential: int,
+                 compile: bool = False) -> list[dict]:
     model_dir = configs.make_model_dir(name, dtype)
     vocab = configs.CONFIGS[name].vocab_size
-    with server(model_dir, dtype, max(levels)) as url:
+    anchor = generate_tok_s(model_dir, dtype, new_tokens, compile)
+    print(f"{name} {dtype} herd generate{' --compile' if compile else ''}: {anchor:.1f} tok/s", flush=True)
+    with server(model_dir, dtype, max(levels), compile) as url:
         one_request(url + "/v1", 0, 4, vocab)  # warm-up
         rows = []
         for level in ["sequential", *levels]:
+            if compile and level != "sequential":  # compile the buckets this level reaches, untimed
+                run_level(url + "/v1", level, level, new_tokens, 5000 + 100 * level, vocab)
             steps, tokens = counters(url)
             if level == "sequential":
                 r = run_level(url + "/v1", 1, sequential, new_tokens, 1000, vocab)
@@ -119,7 +142,10 @@ def bench_config(name: str, dtype: str, levels: list[int], new_tokens: int, sequ
                   flush=True)
         for r in rows:
             r["vs_sequential"] = r["tok_s"] / rows[0]["tok_s"]
-        return rows
+            r["vs_generate"] = r["tok_s"] / anchor if r["level"] in ("sequential", 1) else None
+        return [{"level": "herd generate", "requests": 1, "wall_s": new_tokens / anchor, "req_s": anchor / new_tokens,
+                 "tok_s": anchor, "ttft_s": float("nan"), "mean_batch": 1.0, "vs_sequential": anchor / rows[0]["tok_s"],
+                 "vs_generate": 1.0}, *rows]
 
 
 def main() -> None:
@@ -129,26 +155,32 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--sequential", type=int, default=4, help="requests in the sequential anchor")
+    p.add_argument("--compile", action="store_true", help="herd serve --compile (and herd generate --compile)")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     a = p.parse_args()
     levels = [int(c) for c in a.concurrency.split(",")]
-    lines = ["| config | clients | requests | wall s | requests/s | tokens/s | vs sequential | mean TTFT s | "
-             "mean decode batch |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | clients | requests | wall s | requests/s | tokens/s | vs sequential | vs generate | "
+             "mean TTFT s | mean decode batch |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in a.configs.split(","):
-        for r in bench_config(name, a.dtype, levels, a.new_tokens, a.sequential):
+        for r in bench_config(name, a.dtype, levels, a.new_tokens, a.sequential, a.compile):
+            vs_generate = "" if r["vs_generate"] is None else f"{r['vs_generate']:.2f}x"
             lines.append(f"| {name} | {r['level']} | {r['requests']} | {r['wall_s']:.1f} | {r['req_s']:.2f} | "
-                         f"{r['tok_s']:.1f} | {r['vs_sequential']:.2f}x | {r['ttft_s']:.2f} | {r['mean_batch']:.1f} |")
+                         f"{r['tok_s']:.1f} | {r['vs_sequential']:.2f}x | {vs_generate} | {r['ttft_s']:.2f} | "
+                         f"{r['mean_batch']:.1f} |")
     table = "\n".join(lines)
     print(table)
     if a.write:
         append_results(
-            f"### Serving (`herd serve`, {a.dtype}, {a.new_tokens} new tokens per request) — "
+            f"### Serving (`herd serve{' --compile' if a.compile else ''}`, {a.dtype}, {a.new_tokens} new tokens per "
+            f"request) — "
             f"{datetime.date.today()} — {describe()}\n\n"
             f"Command: `python benchmarks/serve.py --configs {a.configs} --dtype {a.dtype} --concurrency "
-            f"{a.concurrency} --new-tokens {a.new_tokens} --write`. torch {torch.__version__}. The server (its own "
+            f"{a.concurrency} --new-tokens {a.new_tokens}{' --compile' if a.compile else ''} --write`. torch "
+            f"{torch.__version__}. The server (its own "
             f"process) and its clients (openai, streaming, one thread each) share the machine. \"sequential\" sends "
             f"{a.sequential} requests one after another (the anchor); each concurrency level sends that many "
-            f"requests at once, with --max-batch {max(levels)}.\n\n{table}\n")
+            f"requests at once, with --max-batch {max(levels)}. \"herd generate\" is `herd bench` on one 32-token "
+            f"prompt outside the server, end to end (the second anchor, \"vs generate\").\n\n{table}\n")
 
 
 if __name__ == "__main__":
