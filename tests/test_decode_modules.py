@@ -74,3 +74,14 @@ def test_bf16_decode_copy_uses_the_grouped_kernel():
     decode = decode_model(_model().to(torch.bfloat16))
     moe = next(b.feed_forward for b in decode.layers if b.is_moe)
     assert moe.experts.backend == "grouped" and isinstance(moe, RowwiseMoE)  # CPU: a few rows still go per row
+
+
+def test_compiled_decode_copy_equals_the_model():
+    """Past MAX_ROWS inside a graph: torch's grouped op (bf16) or the gathered experts (fp32); one row is
+    test_engine's compiled decode."""
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        model = _model().to(dtype)
+        ids = torch.randint(0, 512, (8, 1))
+        with torch.no_grad():
+            got = torch.compile(decode_model(model), dynamic=False)(ids)
+            torch.testing.assert_close(got.float(), model(ids).float(), atol=tol, rtol=tol)
