@@ -7,7 +7,8 @@ is already normalised by the global token count, as the trainer does. It runs on
 the tests check it: 2 processes give the single-process losses) and on CUDA with NCCL.
 
 Expert parallelism (``herd.train.expert_parallel``) shards the routed experts over the same ranks instead; FSDP
-then leaves them alone. ``herd train RECIPE --nproc N`` launches the trainer through torchrun.
+then leaves them alone. ``herd.train.parallelize`` applies both, FSDP last. ``herd train RECIPE --nproc N``
+launches the trainer through torchrun.
 """
 
 from __future__ import annotations

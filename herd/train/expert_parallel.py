@@ -67,8 +67,8 @@ class _Exchange:
     """The hooks around one ``Experts`` module. ``dispatch`` turns its input (rows sorted by global expert,
     cumulative counts per global expert) into this rank's experts' rows from every rank, sorted by local expert,
     with local offsets; ``combine`` sends the results back and restores the original row order. The routing
-    between the two is kept here: one forward at a time per module (an activation-checkpoint recompute runs
-    both hooks again, in order)."""
+    between the two is kept here, which holds as a module runs one forward at a time (an activation-checkpoint
+    recompute dispatches anew, and may stop before combining: the next dispatch replaces what it left)."""
 
     def __init__(self, group, ep: int, n_local: int):
         self.group, self.ep, self.n_local = group, ep, n_local
