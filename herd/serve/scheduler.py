@@ -62,6 +62,7 @@ class Sequence(core.Sequence):
         self.reported = 0  # tokens already in an event
         self.logprobs_sent = 0  # row.logprobs already in an event
         self.scored_sent = False
+        self.prompt_counted = False  # its prompt tokens are in Stats
         self.ended = False  # its last event is out
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
@@ -225,10 +226,9 @@ class Scheduler:
             seq.reported = len(row.ids)
             if seq.first_token_at is None:
                 seq.first_token_at = time.monotonic()
-        if seq.scored is not None and not seq.scored_sent and seq.prefilled == len(seq.feed):
+        if not seq.prompt_counted and seq.prefilled == len(seq.feed):
             self.stats.prompt_tokens += len(seq.prompt)
-        elif seq.scored is None and new and seq.reported == new:
-            self.stats.prompt_tokens += len(seq.prompt)
+            seq.prompt_counted = True
         delta = row.delta()
         if not (row.done or delta):
             return
@@ -238,9 +238,8 @@ class Scheduler:
             logprobs, seq.logprobs_sent = row.logprobs[seq.logprobs_sent:end], end
         if row.done:
             self.stats.finished += 1
-        self._send(seq, core_event := Event(delta, len(row.ids), FINISH[row.reason] if row.done else None,
-                                            logprobs=logprobs))
-        seq.ended = core_event.finish_reason is not None
+        seq.ended = row.done
+        self._send(seq, Event(delta, len(row.ids), FINISH[row.reason] if row.done else None, logprobs=logprobs))
 
     def _end(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if not seq.ended:
