@@ -35,12 +35,14 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}") from None
 
 
-def stored_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+def load_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype a tensor loads in: ``dtype`` for floating tensors (None: as stored)."""
     return dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
 
 
 class StoredTensor(NamedTuple):
+    """One tensor of a checkpoint, under both names, with the file it came from (for errors)."""
+
     hf_name: str
     name: str  # herd's
     file: Path
@@ -121,7 +123,7 @@ def load_dense(directory: Path, cfg: ModelConfig, dtype: torch.dtype | None = No
         model = Transformer(cfg)
     filling = Filling(model, directory, torch.device(device), progress, skip_vision)
     for t in filling.tensors():
-        filling.put(t.name, filling.check(t), stored_dtype(t.tensor, dtype))
+        filling.put(t.name, filling.check(t), load_dtype(t.tensor, dtype))
     filling.finish()
     return model
 
@@ -141,4 +143,4 @@ def save(model: Transformer, directory: str | Path, max_shard_bytes: int = 5 * 2
     return write_dir(directory, tensors, to_hf_dict(model.cfg, text_only=not multimodal), max_shard_bytes)
 
 
-__all__ = ["parse_dtype", "stored_dtype", "StoredTensor", "Filling", "assign", "load_dense", "save"]
+__all__ = ["parse_dtype", "load_dtype", "StoredTensor", "Filling", "assign", "load_dense", "save"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from herd.checkpoint.dense import Filling, StoredTensor, assign, load_dense, parse_dtype, stored_dtype
+from herd.checkpoint.dense import Filling, StoredTensor, assign, load_dense, load_dtype, parse_dtype
 from herd.checkpoint.names import herd_to_hf, hf_module, hf_to_herd
 from herd.checkpoint.safetensors_io import INDEX_FILE, checkpoint_files, write_dir
 from herd.config import ModelConfig, load_config, to_hf_dict
@@ -196,7 +196,7 @@ def load_quantized(directory: str | Path, cfg: ModelConfig, qconfig: dict, dtype
             return torch.float32
         if t.tensor.dtype in PACKED_DTYPES:
             raise t.error(f"is stored as {t.tensor.dtype} but its scale {t.hf_name}_scale is missing")
-        return stored_dtype(t.tensor, dtype)
+        return load_dtype(t.tensor, dtype)
 
     filling = Filling(model, directory, device, progress, skip_vision)
     unfused = _UnfusedExperts(model, target_dtype, device)

@@ -341,6 +341,6 @@ def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
                 p.data = p.data.to(dtype)  # in place on the Parameter: keeps a tied lm_head tied
 
 
-__all__ = ["SCHEMES", "STORAGE", "PACKED_DTYPES", "QUANT_MODULES", "QuantLinear", "QuantExperts", "QuantizationInfo", "quantize", "quantize_weight",
-           "dequantize_weight", "qmatmul", "fake_quantize_per_token_int8", "int4_group", "model_bytes",
-           "default_skip", "quantizable", "check_scheme", "packed_shapes", "aligned", "cast_unquantized"]
+__all__ = ["SCHEMES", "STORAGE", "PACKED_DTYPES", "QUANT_MODULES", "QuantLinear", "QuantExperts", "QuantizationInfo",
+           "quantize", "quantize_weight", "dequantize_weight", "qmatmul", "fake_quantize_per_token_int8", "int4_group",
+           "model_bytes", "default_skip", "quantizable", "check_scheme", "packed_shapes", "aligned", "cast_unquantized"]
