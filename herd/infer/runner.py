@@ -1,6 +1,14 @@
 """The model as the decode core runs it: prefill forwards, the (compiled) decode step, image features, and weights
 that change under a live engine.
 
+Inference transforms, applied from outside the model in this order (torchtitan's rule: one place, one order):
+  1. quantization: module swaps, at load (a quantized checkpoint, herd.checkpoint) or by
+     ``herd.infer.quantize.quantize(model, scheme)`` before the engine is built;
+  2. the routed experts' grouped-matmul backend for the device and dtype (``pick_grouped_mm_backend``);
+  3. decode specialisation: ``decode_model(model)``, a copy sharing every parameter, with decode-shaped modules
+     swapped in (herd.infer.decode_modules); the caller's model is left as it is;
+  4. compilation of the decode step over that copy.
+
 ``compile=True`` runs decode steps through torch.compile (CUDA graphs on GPU) with fixed shapes: one graph per
 batch-size bucket (1, 2, 4, ... rows: the rows past the running ones ride along as padding, as vLLM captures
 a graph per batch size) and per power-of-2 bucket of cache slots attended. The first step of each new bucket pays

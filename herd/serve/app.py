@@ -19,9 +19,10 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -130,16 +131,57 @@ class ChoiceText:
         return out
 
 
+@dataclass
+class ServerState:
+    """What the route handlers need, kept on ``app.state.herd``."""
+
+    llm: LLM
+    model_name: str
+    scheduler: Scheduler
+    metrics: Metrics
+    media: Path | None
+    max_tokens_limit: int | None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.llm.model.cfg.vocab_size
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise RequestError(f"the model {name!r} does not exist; this server serves {self.model_name!r}", "model",
+                               status=404, code="model_not_found", kind="not_found_error")
+
+    def budget(self, requested: int | None, prompt_len: int) -> int:
+        """The max_tokens of a request: what it asked for, within the context and the server's limit."""
+        room, limit = self.scheduler.max_len - prompt_len, self.max_tokens_limit
+        if requested is not None and limit is not None and requested > limit:
+            raise RequestError(f"max_tokens={requested} exceeds this server's limit of {limit}", "max_tokens")
+        if room < max(1, requested or 1):
+            raise RequestError(f"this model's maximum context length is {self.scheduler.max_len} tokens; the prompt "
+                               f"has {prompt_len} tokens and {requested or 1} more were asked for", "messages",
+                               code="context_length_exceeded")
+        if requested is None:
+            return room if limit is None else min(room, limit)
+        return requested
+
+    def done(self, texts: list[ChoiceText], endpoint: str, start: float, gen: Generation) -> None:
+        """Count a finished request in the metrics."""
+        self.metrics.generation_tokens.inc(sum(t.tokens for t in texts))
+        self.metrics.latency.labels(endpoint).observe(time.monotonic() - start)
+        firsts = [s.first_token_at for s in gen.seqs if s.first_token_at is not None]
+        if firsts:
+            self.metrics.ttft.observe(min(firsts) - min(s.submitted for s in gen.seqs))
+
+
 def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 256, max_tokens_limit: int | None = None, max_len: int | None = None,
                media_dir: str | Path | None = None) -> FastAPI:
     """The server app for a loaded model. ``max_len`` bounds prompt + completion (default: the model's context,
     capped at 8192 to keep the batch's KV cache small); ``max_tokens_limit`` bounds max_tokens."""
-    cfg, tokenizer = llm.model.cfg, llm.tokenizer
     scheduler = Scheduler(llm.engine, max_batch=max_batch, max_queue=max_queue,
-                          max_len=max_len or min(cfg.max_seq_len, 8192))
-    metrics = Metrics(scheduler)
-    media = Path(media_dir) if media_dir is not None else None
+                          max_len=max_len or min(llm.model.cfg.max_seq_len, 8192))
+    state = ServerState(llm, model_name, scheduler, Metrics(scheduler),
+                        Path(media_dir) if media_dir is not None else None, max_tokens_limit)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -150,217 +192,216 @@ def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None
             scheduler.stop()
 
     app = FastAPI(title="herd", lifespan=lifespan)
-    app.state.scheduler, app.state.metrics = scheduler, metrics
-
-    # -- errors, auth, counting -----------------------------------------------------------------------------
-    @app.exception_handler(RequestError)
-    async def _request_error(request: Request, e: RequestError):
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        if first.get("type") == "json_invalid":
-            message, where = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
-        elif not where:
-            message = f"the request body must be a JSON object ({first.get('msg', 'invalid')})"
-        else:
-            message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
-        return JSONResponse(RequestError(message, where or None).body(), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, e: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(RequestError(f"internal error: {type(e).__name__}", status=500, kind="server_error").body(),
-                            status_code=500)
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, e: HTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(RequestError(str(e.detail), status=e.status_code, kind=kind).body(),
-                            status_code=e.status_code)
-
-    app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
-
-    # -- plain endpoints ----------------------------------------------------------------------------------------
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "running": scheduler.n_running, "waiting": scheduler.queue_depth}
-
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "herd", "max_model_len": scheduler.max_len}]}
-
-    # -- generation ---------------------------------------------------------------------------------------------
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise RequestError(f"the model {name!r} does not exist; this server serves {model_name!r}", "model",
-                               status=404, code="model_not_found", kind="not_found_error")
-
-    def budget(requested: int | None, prompt_len: int) -> int:
-        room = scheduler.max_len - prompt_len
-        if requested is not None and max_tokens_limit is not None and requested > max_tokens_limit:
-            raise RequestError(f"max_tokens={requested} exceeds this server's limit of {max_tokens_limit}",
-                               "max_tokens")
-        if room < max(1, requested or 1):
-            raise RequestError(f"this model's maximum context length is {scheduler.max_len} tokens; the prompt has "
-                               f"{prompt_len} tokens and {requested or 1} more were asked for", "messages",
-                               code="context_length_exceeded")
-        if requested is None:
-            return room if max_tokens_limit is None else min(room, max_tokens_limit)
-        return requested
-
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, request: Request):
-        start = time.monotonic()
-        check_model(req.model)
-        req.refuse_unsupported()
-        tools = req.active_tools()
-
-        def prepare():
-            try:
-                return llm.chat_inputs(with_tools(herd_messages(req.messages, media), tools))
-            except (HerdError, ValueError, KeyError, TypeError) as e:
-                raise RequestError(f"{e}", "messages") from None
-
-        ids, pixels = await run_in_threadpool(prepare)
-        n_new = budget(req.token_limit, len(ids))
-        gen = Generation(scheduler, [(ids, pixels)] * req.n,
-                         [req.sampling(n_new, i, cfg.vocab_size) for i in range(req.n)])
-        metrics.prompt_tokens.inc(len(ids))
-        rid = new_id("chatcmpl")
-        texts = [ChoiceText(tools is not None) for _ in range(req.n)]
-        if req.stream:
-            return _sse(chat_stream(gen, request, rid, texts, len(ids), req.include_usage, start, req.logprobs))
-        await collect(gen, request, texts)
-        choices = []
-        for i, t in enumerate(texts):
-            message, finish = t.message()
-            choices.append({"index": i, "message": message, "finish_reason": finish,
-                            "logprobs": chat_logprobs(t.logprobs, tokenizer) if req.logprobs else None})
-        done(texts, "/v1/chat/completions", start, gen)
-        return envelope("chat.completion", rid, model_name, choices,
-                        usage=usage(len(ids), sum(t.tokens for t in texts)))
-
-    async def chat_stream(gen, request, rid, texts, prompt_len, include_usage, start, logprobs):
-        def chunk(i, delta, finish=None):
-            lp = chat_logprobs(texts[i].take_logprobs(), tokenizer) if logprobs else None
-            return envelope("chat.completion.chunk", rid, model_name,
-                            [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}])
-
-        for i in range(len(texts)):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        async for i, ev in gen.events(request):
-            t = texts[i]
-            delta = t.push(ev)
-            if delta:
-                yield chunk(i, {"content": delta})
-            if ev.finish_reason is None:
-                continue
-            if ev.error is not None or ev.finish_reason == "cancelled":
-                yield _stream_error(ev)
-                continue
-            message, finish = t.message()
-            if message.get("tool_calls"):
-                calls = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
-                yield chunk(i, {"tool_calls": calls})
-            else:
-                rest = t.rest()
-                if rest:
-                    yield chunk(i, {"content": rest})
-            yield chunk(i, {}, finish)
-        if include_usage:
-            yield envelope("chat.completion.chunk", rid, model_name, [],
-                           usage=usage(prompt_len, sum(t.tokens for t in texts)))
-        done(texts, "/v1/chat/completions", start, gen)
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        start = time.monotonic()
-        check_model(req.model)
-        req.refuse_unsupported()
-        prompts = req.prompts()
-        try:
-            encoded = [llm.encode(p) for p in prompts]
-        except (HerdError, ValueError) as e:
-            raise RequestError(str(e), "prompt") from None
-        inputs, params, echo, echo_ids = [], [], [], []
-        for p, ids in zip(prompts, encoded):
-            n_new = budget(req.max_tokens, len(ids))
-            for j in range(req.n):
-                inputs.append((ids, None))
-                params.append(req.sampling(n_new, j, cfg.vocab_size))
-                echo.append((p if isinstance(p, str) else llm.tokenizer.decode(ids)) if req.echo else "")
-                # the echoed tokens: a text prompt's own (its <|begin_of_text|> is herd's, not the text's)
-                echo_ids.append(ids[1:] if isinstance(p, str) else ids)
-        gen = Generation(scheduler, inputs, params, req.logprobs if req.echo else None)
-        prompt_tokens = sum(len(ids) for ids in encoded)
-        metrics.prompt_tokens.inc(prompt_tokens)
-        rid = new_id("cmpl")
-        texts = [ChoiceText(False) for _ in inputs]
-        if req.stream:
-            return _sse(completion_stream(gen, request, rid, texts, echo, prompt_tokens, req.include_usage, start,
-                                          req.logprobs))
-        await collect(gen, request, texts)
-        for t, ids in zip(texts, echo_ids):  # prompt logprobs first: token 1 of a token-id prompt has none
-            if req.echo and req.logprobs is not None:
-                t.logprobs[:0] = ids[:len(ids) - len(t.prompt_logprobs)] + t.prompt_logprobs
-        choices = [{"index": i, "text": echo[i] + t.text, "finish_reason": t.finish,
-                    "logprobs": logprobs_of(t, req.logprobs)} for i, t in enumerate(texts)]
-        done(texts, "/v1/completions", start, gen)
-        return envelope("text_completion", rid, model_name, choices,
-                        usage=usage(prompt_tokens, sum(t.tokens for t in texts)))
-
-    def logprobs_of(t: ChoiceText, n: int | None) -> dict | None:
-        """The completions logprobs of the tokens ``t`` has not reported yet (all of them, unstreamed)."""
-        if n is None:
-            return None
-        out = completion_logprobs(t.take_logprobs(), tokenizer, t.offset, top=n > 0)
-        t.offset += sum(len(s) for s in out["tokens"])
-        return out
-
-    async def completion_stream(gen, request, rid, texts, echo, prompt_tokens, include_usage, start, logprobs):
-        def chunk(i, text, finish=None):
-            return envelope("text_completion", rid, model_name,
-                            [{"index": i, "text": text, "finish_reason": finish,
-                              "logprobs": logprobs_of(texts[i], logprobs)}])
-
-        for i, prefix in enumerate(echo):
-            if prefix:
-                yield chunk(i, prefix)
-        async for i, ev in gen.events(request):
-            delta = texts[i].push(ev)
-            if ev.error is not None or ev.finish_reason == "cancelled":
-                yield _stream_error(ev)
-            elif delta or ev.finish_reason:
-                yield chunk(i, delta, ev.finish_reason)
-        if include_usage:
-            yield envelope("text_completion", rid, model_name, [],
-                           usage=usage(prompt_tokens, sum(t.tokens for t in texts)))
-        done(texts, "/v1/completions", start, gen)
-
-    async def collect(gen: Generation, request: Request, texts: list[ChoiceText]) -> None:
-        """Every choice's whole text (a non-streaming answer); 500 if one of them failed."""
-        async for i, ev in gen.events(request):
-            texts[i].push(ev)
-        bad = next((t for t in texts if t.error is not None or t.finish in (None, "cancelled")), None)
-        if bad is not None:
-            raise RequestError(f"generation failed: {bad.error or 'cancelled'}", status=500, kind="server_error")
-
-    def done(texts: list[ChoiceText], endpoint: str, start: float, gen: Generation) -> None:
-        metrics.generation_tokens.inc(sum(t.tokens for t in texts))
-        metrics.latency.labels(endpoint).observe(time.monotonic() - start)
-        firsts = [s.first_token_at for s in gen.seqs if s.first_token_at is not None]
-        if firsts:
-            metrics.ttft.observe(min(firsts) - min(s.submitted for s in gen.seqs))
-
+    app.state.herd = state
+    app.state.scheduler, app.state.metrics = scheduler, state.metrics
+    app.add_exception_handler(RequestError, _request_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(Exception, _bug)
+    app.add_exception_handler(HTTPException, _http)
+    app.add_middleware(_Gate, api_key=api_key, metrics=state.metrics)
+    app.include_router(router)
     return app
+
+
+# -- errors -----------------------------------------------------------------------------------------------------
+async def _request_error(request: Request, e: RequestError):
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _invalid(request: Request, e: RequestValidationError):
+    first = e.errors()[0] if e.errors() else {}
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    if first.get("type") == "json_invalid":
+        message, where = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
+    elif not where:
+        message = f"the request body must be a JSON object ({first.get('msg', 'invalid')})"
+    else:
+        message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
+    return JSONResponse(RequestError(message, where or None).body(), status_code=400)
+
+
+async def _bug(request: Request, e: Exception):
+    log.exception("unhandled error on %s", request.url.path)
+    return JSONResponse(RequestError(f"internal error: {type(e).__name__}", status=500, kind="server_error").body(),
+                        status_code=500)
+
+
+async def _http(request: Request, e: HTTPException):
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return JSONResponse(RequestError(str(e.detail), status=e.status_code, kind=kind).body(), status_code=e.status_code)
+
+
+# -- routes -----------------------------------------------------------------------------------------------------
+router = APIRouter()
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.herd
+
+
+@router.get("/health")
+async def health(request: Request):
+    scheduler = _state(request).scheduler
+    return {"status": "ok", "running": scheduler.n_running, "waiting": scheduler.queue_depth}
+
+
+@router.get("/metrics")
+async def prometheus(request: Request):
+    return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state = _state(request)
+    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": int(time.time()),
+                                        "owned_by": "herd", "max_model_len": state.scheduler.max_len}]}
+
+
+@router.post("/v1/chat/completions")
+async def chat(req: ChatRequest, request: Request):
+    start, state = time.monotonic(), _state(request)
+    state.check_model(req.model)
+    req.refuse_unsupported()
+    tools = req.active_tools()
+
+    def prepare():
+        try:
+            return state.llm.chat_inputs(with_tools(herd_messages(req.messages, state.media), tools))
+        except (HerdError, ValueError, KeyError, TypeError) as e:
+            raise RequestError(f"{e}", "messages") from None
+
+    ids, pixels = await run_in_threadpool(prepare)
+    n_new = state.budget(req.token_limit, len(ids))
+    gen = Generation(state.scheduler, [(ids, pixels)] * req.n,
+                     [req.sampling(n_new, i, state.vocab_size) for i in range(req.n)])
+    state.metrics.prompt_tokens.inc(len(ids))
+    rid = new_id("chatcmpl")
+    texts = [ChoiceText(tools is not None) for _ in range(req.n)]
+    if req.stream:
+        return _sse(_chat_stream(state, gen, request, rid, texts, len(ids), req.include_usage, start, req.logprobs))
+    await _collect(gen, request, texts)
+    choices = []
+    for i, t in enumerate(texts):
+        message, finish = t.message()
+        choices.append({"index": i, "message": message, "finish_reason": finish,
+                        "logprobs": chat_logprobs(t.logprobs, state.llm.tokenizer) if req.logprobs else None})
+    state.done(texts, "/v1/chat/completions", start, gen)
+    return envelope("chat.completion", rid, state.model_name, choices,
+                    usage=usage(len(ids), sum(t.tokens for t in texts)))
+
+
+async def _chat_stream(state: ServerState, gen: Generation, request: Request, rid: str, texts: list[ChoiceText],
+                       prompt_len: int, include_usage: bool, start: float, logprobs: bool):
+    def chunk(i, delta, finish=None):
+        lp = chat_logprobs(texts[i].take_logprobs(), state.llm.tokenizer) if logprobs else None
+        return envelope("chat.completion.chunk", rid, state.model_name,
+                        [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}])
+
+    for i in range(len(texts)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    async for i, ev in gen.events(request):
+        t = texts[i]
+        delta = t.push(ev)
+        if delta:
+            yield chunk(i, {"content": delta})
+        if ev.finish_reason is None:
+            continue
+        if ev.error is not None or ev.finish_reason == "cancelled":
+            yield _stream_error(ev)
+            continue
+        message, finish = t.message()
+        if message.get("tool_calls"):
+            calls = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
+            yield chunk(i, {"tool_calls": calls})
+        else:
+            rest = t.rest()
+            if rest:
+                yield chunk(i, {"content": rest})
+        yield chunk(i, {}, finish)
+    if include_usage:
+        yield envelope("chat.completion.chunk", rid, state.model_name, [],
+                       usage=usage(prompt_len, sum(t.tokens for t in texts)))
+    state.done(texts, "/v1/chat/completions", start, gen)
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    start, state = time.monotonic(), _state(request)
+    llm = state.llm
+    state.check_model(req.model)
+    req.refuse_unsupported()
+    prompts = req.prompts()
+    try:
+        encoded = [llm.encode(p) for p in prompts]
+    except (HerdError, ValueError) as e:
+        raise RequestError(str(e), "prompt") from None
+    inputs, params, echo, echo_ids = [], [], [], []
+    for p, ids in zip(prompts, encoded):
+        n_new = state.budget(req.max_tokens, len(ids))
+        for j in range(req.n):
+            inputs.append((ids, None))
+            params.append(req.sampling(n_new, j, state.vocab_size))
+            echo.append((p if isinstance(p, str) else llm.tokenizer.decode(ids)) if req.echo else "")
+            # the echoed tokens: a text prompt's own (its <|begin_of_text|> is herd's, not the text's)
+            echo_ids.append(ids[1:] if isinstance(p, str) else ids)
+    gen = Generation(state.scheduler, inputs, params, req.logprobs if req.echo else None)
+    prompt_tokens = sum(len(ids) for ids in encoded)
+    state.metrics.prompt_tokens.inc(prompt_tokens)
+    rid = new_id("cmpl")
+    texts = [ChoiceText(False) for _ in inputs]
+    if req.stream:
+        return _sse(_completion_stream(state, gen, request, rid, texts, echo, prompt_tokens, req.include_usage,
+                                       start, req.logprobs))
+    await _collect(gen, request, texts)
+    for t, ids in zip(texts, echo_ids):  # prompt logprobs first: token 1 of a token-id prompt has none
+        if req.echo and req.logprobs is not None:
+            t.logprobs[:0] = ids[:len(ids) - len(t.prompt_logprobs)] + t.prompt_logprobs
+    choices = [{"index": i, "text": echo[i] + t.text, "finish_reason": t.finish,
+                "logprobs": _logprobs_of(state, t, req.logprobs)} for i, t in enumerate(texts)]
+    state.done(texts, "/v1/completions", start, gen)
+    return envelope("text_completion", rid, state.model_name, choices,
+                    usage=usage(prompt_tokens, sum(t.tokens for t in texts)))
+
+
+def _logprobs_of(state: ServerState, t: ChoiceText, n: int | None) -> dict | None:
+    """The completions logprobs of the tokens ``t`` has not reported yet (all of them, unstreamed)."""
+    if n is None:
+        return None
+    out = completion_logprobs(t.take_logprobs(), state.llm.tokenizer, t.offset, top=n > 0)
+    t.offset += sum(len(s) for s in out["tokens"])
+    return out
+
+
+async def _completion_stream(state: ServerState, gen: Generation, request: Request, rid: str,
+                             texts: list[ChoiceText], echo: list[str], prompt_tokens: int, include_usage: bool,
+                             start: float, logprobs: int | None):
+    def chunk(i, text, finish=None):
+        return envelope("text_completion", rid, state.model_name,
+                        [{"index": i, "text": text, "finish_reason": finish,
+                          "logprobs": _logprobs_of(state, texts[i], logprobs)}])
+
+    for i, prefix in enumerate(echo):
+        if prefix:
+            yield chunk(i, prefix)
+    async for i, ev in gen.events(request):
+        delta = texts[i].push(ev)
+        if ev.error is not None or ev.finish_reason == "cancelled":
+            yield _stream_error(ev)
+        elif delta or ev.finish_reason:
+            yield chunk(i, delta, ev.finish_reason)
+    if include_usage:
+        yield envelope("text_completion", rid, state.model_name, [],
+                       usage=usage(prompt_tokens, sum(t.tokens for t in texts)))
+    state.done(texts, "/v1/completions", start, gen)
+
+
+async def _collect(gen: Generation, request: Request, texts: list[ChoiceText]) -> None:
+    """Every choice's whole text (a non-streaming answer); 500 if one of them failed."""
+    async for i, ev in gen.events(request):
+        texts[i].push(ev)
+    bad = next((t for t in texts if t.error is not None or t.finish in (None, "cancelled")), None)
+    if bad is not None:
+        raise RequestError(f"generation failed: {bad.error or 'cancelled'}", status=500, kind="server_error")
 
 
 class _Gate:

@@ -75,18 +75,18 @@ class _Exchange:
         self.route: tuple[torch.Tensor, list[int], list[int]] | None = None
 
     def dispatch(self, m: nn.Module, args: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x_ND, offsets_E = args
+        x_RD, offsets_E = args
         counts_E = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1, dtype=torch.long))
         recv_counts = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)  # n_local counts to each rank and back
         recv_SL = recv_counts.view(self.ep, self.n_local)  # rows from source rank s for local expert l
         send_rows = counts_E.view(self.ep, self.n_local).sum(1).tolist()
         recv_rows = recv_SL.sum(1).tolist()
-        rows_RD = _all_to_all(x_ND, recv_rows, send_rows, self.group)  # ordered by (source rank, local expert)
+        recv_RD = _all_to_all(x_RD, recv_rows, send_rows, self.group)  # ordered by (source rank, local expert)
         expert_R = torch.repeat_interleave(torch.arange(self.n_local).repeat(self.ep), recv_SL.flatten())
         order = torch.argsort(expert_R, stable=True)
         self.route = (order, send_rows, recv_rows)
-        return rows_RD[order], torch.cumsum(recv_SL.sum(0), 0, dtype=torch.int32)
+        return recv_RD[order], torch.cumsum(recv_SL.sum(0), 0, dtype=torch.int32)
 
     def combine(self, m: nn.Module, args, out_RD: torch.Tensor) -> torch.Tensor:
         (order, send_rows, recv_rows), self.route = self.route, None
