@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import herd_from_hf, hf_text_model  # noqa: E402  (same weights in both implementations)
+from report import append_results, describe  # noqa: E402
 
 from herd.config import preset  # noqa: E402
 from herd.model.moe import pick_grouped_mm_backend, set_grouped_mm_backend  # noqa: E402
-from report import append_results, describe  # noqa: E402
 
 # a small Scout-shaped MoE: every layer MoE, 16 experts top-1, chunked local + NoPE global layers
 CONFIG = preset("tiny").replace(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64,
@@ -72,7 +72,8 @@ def main() -> None:
     rows = run(args.tokens, args.device, args.repeats)
     import transformers
 
-    head = (f"### Forward (prefill {args.tokens} tokens, batch 1) — {datetime.date.today()} — {describe(args.device)}\n\n"
+    head = (f"### Forward (prefill {args.tokens} tokens, batch 1) — {datetime.date.today()} — "
+            f"{describe(args.device)}\n\n"
             f"torch {torch.__version__}, transformers {transformers.__version__}. Config: {CONFIG.n_layers} layers, "
             f"width {CONFIG.dim}, {CONFIG.n_experts} experts top-{CONFIG.top_k}, expert FFN "
             f"{CONFIG.expert_hidden_dim}, chunk {CONFIG.attention_chunk_size}, vocab {CONFIG.vocab_size}; "

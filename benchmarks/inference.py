@@ -162,7 +162,7 @@ def render(rows: list[dict], args: argparse.Namespace, bandwidth: float | None) 
            "llama.cpp | herd / transformers | batch 16 / batch 1 |",
            "|" + "---|" * 15]
     for r in rows:
-        h, t, l = r["herd"], r.get("transformers") or {}, r.get("llamacpp") or {}
+        h, t, lc = r["herd"], r.get("transformers") or {}, r.get("llamacpp") or {}
         best = max(h["decode_tok_s"], h.get("compiled_decode_tok_s", 0))
         b16 = max(h["batch16_decode_tok_s"], h.get("compiled_batch16_decode_tok_s", 0))
         b1 = h["decode_tok_s"] if h["batch16_decode_tok_s"] >= h.get("compiled_batch16_decode_tok_s", 0) \
@@ -170,10 +170,11 @@ def render(rows: list[dict], args: argparse.Namespace, bandwidth: float | None) 
         ratio = lambda a, b: None if not a or not b else a / b  # noqa: E731
         out.append(" | ".join([
             f"| {r['config']}", r["dtype"], _f(t.get("decode_tok_s")), _f(h["decode_tok_s"]),
-            _f(h.get("compiled_decode_tok_s")), _f(l.get("decode_tok_s")), _f(r.get("floor_tok_s")),
-            _f(ratio(best, t.get("decode_tok_s")), "{:.1f}x"), _f(ratio(best, l.get("decode_tok_s")), "{:.2f}x"),
+            _f(h.get("compiled_decode_tok_s")), _f(lc.get("decode_tok_s")), _f(r.get("floor_tok_s")),
+            _f(ratio(best, t.get("decode_tok_s")), "{:.1f}x"), _f(ratio(best, lc.get("decode_tok_s")), "{:.2f}x"),
             _f(ratio(best, r.get("floor_tok_s")) and 100 * ratio(best, r.get("floor_tok_s")), "{:.0f}%"),
-            _f(t.get("prefill_tok_s"), "{:.0f}"), _f(h["prefill_tok_s"], "{:.0f}"), _f(l.get("prefill_tok_s"), "{:.0f}"),
+            _f(t.get("prefill_tok_s"), "{:.0f}"), _f(h["prefill_tok_s"], "{:.0f}"),
+            _f(lc.get("prefill_tok_s"), "{:.0f}"),
             _f(ratio(h["prefill_tok_s"], t.get("prefill_tok_s")), "{:.1f}x"),
             _f(ratio(b16, b1), "{:.1f}x") + " |"]))
     return "\n".join(out) + "\n"

@@ -152,7 +152,7 @@ def write_tokenizer(directory: Path, vocab_size: int, bos_id: int = 1, eos_id: i
     training data: ids 0..2 are special tokens (unk, bos, eos), then the 256 byte-level symbols, then merges of
     symbol pairs in a fixed order until the vocab is full. Its pre-tokenizer is llama 3's split + byte level.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, Regex
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     specials = {0: "<|unk|>", bos_id: BOS, eos_id: EOS}
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())

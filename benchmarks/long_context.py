@@ -18,6 +18,7 @@ import platform
 import time
 
 import torch
+from report import append_results, describe
 
 import herd
 from herd.api import default_model_dir
@@ -27,8 +28,6 @@ from herd.eval.niah import short_count
 from herd.infer.bench import peak_rss_mb
 from herd.infer.cache import KVCache
 from herd.model.moe import pick_grouped_mm_backend, set_grouped_mm_backend
-
-from report import append_results, describe
 
 
 def advance_without_compute(cache: KVCache, n: int) -> None:

@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from report import append_results, describe  # noqa: E402
+
 from herd.config import preset  # noqa: E402
 from herd.eval.quant_quality import logit_kl, perplexity  # noqa: E402
 from herd.infer.quantize import model_bytes, quantize  # noqa: E402
 from herd.model import Transformer  # noqa: E402
-from report import append_results, describe  # noqa: E402
 
 # bytes as tokens; MoE on layers 1, 3, 5 (8 experts, top-1) and dense FFN on 0, 2, 4, as Maverick alternates
 CONFIG = preset("tiny-interleaved").replace(vocab_size=256, dim=128, n_layers=6, n_heads=4, n_kv_heads=2,

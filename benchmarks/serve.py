@@ -12,17 +12,17 @@ loopback and drives it with the official openai client from threads:
 It reports requests/s, generated tokens/s, the ratio of tokens/s to the sequential anchor, the mean time to first
 token, and the mean decode batch (decode tokens / decode steps, from the server's /metrics).
 
-With ``--compile`` the server decodes through torch.compile (`herd serve --compile`): each level runs once
-untimed first, so that the graphs of the batch-size buckets it reaches are compiled before it is measured. A
-second anchor is then `herd generate --compile` itself, outside any server: `herd bench --compile` on the same
-prompt length and token count, counted end to end (prefill + decode), so that "vs generate" is the server's
-overhead for one client.
+With ``--compile`` the server decodes through torch.compile (`herd serve --compile`, which compiles the graph
+of every batch-size bucket at start-up, before /health answers). A second anchor is then `herd generate
+--compile` itself, outside any server: `herd bench --compile` on the same prompt length and token count,
+counted end to end (prefill + decode), so that "vs generate" is the server's overhead for one client.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import socket
 import subprocess
 import sys
@@ -30,8 +30,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-
-import json
 
 import httpx
 import torch
@@ -127,8 +125,6 @@ def bench_config(name: str, dtype: str, levels: list[int], new_tokens: int, sequ
         one_request(url + "/v1", 0, 4, vocab)  # warm-up
         rows = []
         for level in ["sequential", *levels]:
-            if compile and level != "sequential":  # compile the buckets this level reaches, untimed
-                run_level(url + "/v1", level, level, new_tokens, 5000 + 100 * level, vocab)
             steps, tokens = counters(url)
             if level == "sequential":
                 r = run_level(url + "/v1", 1, sequential, new_tokens, 1000, vocab)

@@ -6,7 +6,8 @@
 
 A step is forward + next-token loss (+ the MoE load-balancing loss for herd, as herd trains) + backward + AdamW,
 under bf16 autocast for "bf16" (weights and optimizer in fp32). Each (implementation, dtype) runs in its own
-process, so its peak RSS is its own; herd-ac is herd with activation checkpointing. Model FLOPs per token are 6 x active matmul parameters + the causal
+process, so its peak RSS is its own; herd-ac is herd with activation checkpointing. Model FLOPs per token are 6 x
+active matmul parameters + the causal
 attention products (6 x layers x seq x width, PaLM's formula); MFU divides the achieved FLOP/s by a bf16 matmul
 peak measured in the same run.
 """
@@ -31,9 +32,9 @@ from report import append_results, describe  # noqa: E402
 
 def herd_step_fn(cfg, dtype: str, activation_checkpointing: bool = False):
     from herd.model import Transformer
-    from herd.train.losses import cross_entropy, load_balancing_loss
     from herd.train.config import TrainSpec
     from herd.train.distributed import World
+    from herd.train.losses import cross_entropy, load_balancing_loss
     from herd.train.parallelize import parallelize
 
     torch.manual_seed(0)

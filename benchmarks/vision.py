@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import randomize_  # noqa: E402  (N(0, 0.08) weights, norms around 1: every tensor matters)
 from configs import CONFIGS  # noqa: E402
+from conftest import randomize_  # noqa: E402  (N(0, 0.08) weights, norms around 1: every tensor matters)
 from llamacpp import wait_idle  # noqa: E402
 from report import append_results, describe  # noqa: E402
 

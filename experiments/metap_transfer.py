@@ -242,7 +242,8 @@ def main() -> None:
     params = a.params.split(",")
     results = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
     setting = {"steps": a.steps, "batch": a.batch, "seq": a.seq}
-    key = lambda r: (r["param"], r["width"], r["lr"], r.get("seed", 0), r["steps"], r.get("batch", 8), r.get("seq", 128))  # noqa: E731
+    key = lambda r: (r["param"], r["width"], r["lr"], r.get("seed", 0), r["steps"],  # noqa: E731
+                     r.get("batch", 8), r.get("seq", 128))
     done = {key(r) for r in results}
     # at the base width MetaP's factors are all 1: the same run as SP, trained once and recorded for both
     todo = [(w, lr, seed) for w in widths for lr in lrs for seed in range(a.seeds)

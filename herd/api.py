@@ -135,8 +135,8 @@ def default_model_dir() -> Path:
     return path
 
 
-def load(path_or_preset: str | Path | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-         seed: int = 0, prefill_chunk: int = 512, compile: bool = False) -> LLM:
+def load(path_or_preset: str | Path | None = None, dtype: str | torch.dtype | None = None,
+         device: str | torch.device = "cpu", seed: int = 0, prefill_chunk: int = 512, compile: bool = False) -> LLM:
     """An HF model directory, or a preset name (random weights: for tests and smoke runs only); None loads the
     embedded default, herd-pico.
 

@@ -131,11 +131,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(r))
         return
-    print(f"{args.model_dir or 'herd-pico'}: batch {r['batch']}, prompt {r['prompt_len']}, {r['new_tokens']} new tokens, "
-          f"{r['dtype']} on {r['device']}")
+    print(f"{args.model_dir or 'herd-pico'}: batch {r['batch']}, prompt {r['prompt_len']}, "
+          f"{r['new_tokens']} new tokens, {r['dtype']} on {r['device']}")
     print(f"  prefill {r['prefill_tok_s']:10.1f} tok/s   ({r['prefill_s']:.3f} s)")
     print(f"  decode  {r['decode_tok_s']:10.1f} tok/s   ({r['decode_s']:.3f} s)")
-    print(f"  peak RSS {r['peak_rss_mb']:.0f} MB" + (f", peak GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""))
+    print(f"  peak RSS {r['peak_rss_mb']:.0f} MB"
+          + (f", peak GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""))
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:

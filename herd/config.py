@@ -57,12 +57,14 @@ class VisionConfig:
     def __post_init__(self) -> None:
         _check_positive(self, "vision_config", ("dim", "n_layers", "n_heads", "hidden_dim", "image_size", "patch_size"))
         if self.dim % self.n_heads:
-            raise ConfigError(f"vision_config.num_attention_heads={self.n_heads} does not divide hidden_size={self.dim}")
+            raise ConfigError(f"vision_config.num_attention_heads={self.n_heads} does not divide "
+                              f"hidden_size={self.dim}")
         if (self.dim // self.n_heads) % 4:
             raise ConfigError(f"vision_config: head dim hidden_size/num_attention_heads={self.dim // self.n_heads} "
                               f"must be a multiple of 4 for the 2-D RoPE (half the pairs rotate by x, half by y)")
         if self.image_size % self.patch_size:
-            raise ConfigError(f"vision_config.patch_size={self.patch_size} does not divide image_size={self.image_size}")
+            raise ConfigError(f"vision_config.patch_size={self.patch_size} does not divide "
+                              f"image_size={self.image_size}")
         r = self.pixel_shuffle_ratio
         if not 0 < r <= 1 or (self.grid_size * r) % 1 or (self.dim / r**2) % 1:
             raise ConfigError(f"vision_config.pixel_shuffle_ratio={r} must shrink the {self.grid_size}-patch grid "
@@ -134,7 +136,8 @@ class ModelConfig:
             raise ConfigError(f"text_config.num_key_value_heads={self.n_kv_heads} does not divide "
                               f"num_attention_heads={self.n_heads}")
         if self.top_k > self.n_experts:
-            raise ConfigError(f"text_config.num_experts_per_tok={self.top_k} exceeds num_local_experts={self.n_experts}")
+            raise ConfigError(f"text_config.num_experts_per_tok={self.top_k} exceeds "
+                              f"num_local_experts={self.n_experts}")
         if self.head_dim % 2:
             raise ConfigError(f"text_config.head_dim={self.head_dim} must be even for RoPE")
         if self.attention_chunk_size is not None and self.attention_chunk_size <= 0:

@@ -114,18 +114,20 @@ def _ranges(idx: list[int]) -> str:
 def render(c: Census, title: str) -> str:
     cfg = c.config
     layers = c.layers()
-    pattern = "".join(("M" if l["ffn"] == "moe" else "D") + ("g" if l["attention"] == "global" else "l")
-                      for l in layers)
+    pattern = "".join(("M" if layer["ffn"] == "moe" else "D") + ("g" if layer["attention"] == "global" else "l")
+                      for layer in layers)
     lines = [f"{title}: {cfg.n_layers} layers, width {cfg.dim}, {cfg.n_heads} heads / {cfg.n_kv_heads} KV heads "
              f"x {cfg.head_dim}, vocab {cfg.vocab_size}",
              f"  experts: {cfg.n_experts} routed (top-{cfg.top_k}) + 1 shared, expert FFN {cfg.expert_hidden_dim}, "
              f"dense FFN {cfg.dense_hidden_dim}",
              f"  MoE layers: {_ranges(list(cfg.moe_layers))}   dense layers: "
-             f"{_ranges([l['index'] for l in layers if l['ffn'] == 'dense'])}",
-             f"  NoPE global layers: {_ranges([l['index'] for l in layers if l['attention'] == 'global'])}   "
+             f"{_ranges([layer['index'] for layer in layers if layer['ffn'] == 'dense'])}",
+             f"  NoPE global layers: "
+             f"{_ranges([layer['index'] for layer in layers if layer['attention'] == 'global'])}   "
              f"chunked local (RoPE{', QK-norm' if cfg.use_qk_norm else ''}) chunk {cfg.attention_chunk_size}: "
              f"the rest",
-             f"  layout (M=MoE D=dense, l=local g=global): {' '.join(pattern[i:i + 8] for i in range(0, len(pattern), 8))}",
+             f"  layout (M=MoE D=dense, l=local g=global): "
+             f"{' '.join(pattern[i:i + 8] for i in range(0, len(pattern), 8))}",
              "",
              f"  {'component':<16}{'total':>12}{'active':>12}"]
     for comp, n in c.by_component.items():

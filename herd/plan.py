@@ -218,7 +218,8 @@ def render(p: Plan) -> str:
         lines.append(f"  {k:<18}{_gb(v):>14}")
     verdict = "fits" if p.fits else "does NOT fit"
     lines += [f"  {'total':<18}{_gb(p.per_gpu_bytes):>14}   {verdict} in {p.gpu_mem_bytes / GB:.0f} GB", "",
-              f"  FLOPs per token: {p.flops_per_token / 1e9:,.1f} GFLOP ({'forward + backward' if p.mode == 'train' else 'forward'})"]
+              f"  FLOPs per token: {p.flops_per_token / 1e9:,.1f} GFLOP "
+              f"({'forward + backward' if p.mode == 'train' else 'forward'})"]
     if p.throughput:
         t = p.throughput
         lines.append(f"  at {t['tflops_per_gpu']:.0f} TFLOP/s per GPU: {t['tokens_per_s'] / 1e6:,.2f}M tokens/s"

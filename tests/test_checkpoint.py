@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import hf_text_model, small_config
 from safetensors.torch import load_file, save_file
 
-from conftest import hf_text_model, small_config
 from herd import checkpoint
 from herd.checkpoint import safetensors_io
 from herd.config import VisionConfig, to_hf_dict

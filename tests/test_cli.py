@@ -25,7 +25,8 @@ def test_info_json_matches_published_sizes(capsys, name, total, active):
     assert abs(info["total_params"] / total - 1) < 0.03
     assert abs(info["active_params"] / active - 1) < 0.03
     layers = info["layers"]
-    assert len(layers) == 48 and [l["index"] for l in layers if l["attention"] == "global"] == list(range(3, 48, 4))
+    globals_ = [layer["index"] for layer in layers if layer["attention"] == "global"]
+    assert len(layers) == 48 and globals_ == list(range(3, 48, 4))
     assert info["weight_memory"]["int4"]["fits_one_80gb_gpu"] == (name == "scout")
 
 

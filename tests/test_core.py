@@ -3,8 +3,8 @@ and without the compiled step; batched and shared prefill; weights that change u
 
 import pytest
 import torch
-
 from conftest import greedy_without_cache, random_model
+
 from herd.infer.core import Sequence
 from herd.infer.engine import Engine
 from herd.infer.sampling import SamplingParams
@@ -26,6 +26,8 @@ def _prompts():
 def _serve(engine, prompts, params, max_batch, arrivals):
     """Greedy outputs through the scheduler; prompt i is submitted before iteration arrivals[i]."""
     sched, out = Scheduler(engine, max_batch=max_batch, max_len=64), {}
+    if engine.compiled:  # what `herd serve --compile` does at start-up: it must leave the cache as it found it
+        assert engine.warmup(sched.core.cache) == {2: [1, 2], 3: [1, 2, 3], 7: [1, 2, 4, 7]}[max_batch]
     seqs = [ServerSequence(p, sp, lambda ev, i=i: out.setdefault(i, []).append(ev))
             for i, (p, sp) in enumerate(zip(prompts, params))]
     for k in range(10_000):

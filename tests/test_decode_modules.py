@@ -2,11 +2,18 @@
 untouched, and each decode subclass equal to the module it replaces."""
 
 import torch
+from conftest import small_config
 from torch import nn
 
-from conftest import small_config
-from herd.infer.decode_modules import (FewQueryAttention, MatvecLinear, MatvecRouter, RowwiseMoE, attend_fused,
-                                       decode_model, matvec)
+from herd.infer.decode_modules import (
+    FewQueryAttention,
+    MatvecLinear,
+    MatvecRouter,
+    RowwiseMoE,
+    attend_fused,
+    decode_model,
+    matvec,
+)
 from herd.model import Transformer
 from herd.model.attention import Attention, attention_mask
 from herd.model.moe import MoE

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import greedy_without_cache, herd_from_hf, hf_text_model, random_model, small_config
+
 from herd.config import preset
 from herd.infer import core as core_module
 from herd.infer.cache import KVCache

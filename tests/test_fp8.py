@@ -4,12 +4,11 @@ tiny model, and short training runs on both backends."""
 
 import pytest
 import torch
-
 from conftest import text_recipe
+
 from herd.config import preset
 from herd.model import Transformer
-from herd.train.fp8 import (E4M3, E5M2, Fp8Experts, Fp8Linear, apply_fp8, fp8_grouped_mm, fp8_linear,
-                            quantize_dequantize)
+from herd.train.fp8 import E4M3, E5M2, Fp8Experts, Fp8Linear, apply_fp8, fp8_grouped_mm, fp8_linear, quantize_dequantize
 
 torchao_float8 = pytest.importorskip("torchao.float8")
 
@@ -65,8 +64,10 @@ def test_emulated_grouped_mm_matches_torchao_moe_casts():
     (forward) and per input channel (grad_x), and grad_w from per-group column scales of g and A."""
     from torchao.float8.config import ScalingGranularity
     from torchao.float8.float8_utils import tensor_to_scale, to_fp8_saturated
-    from torchao.prototype.moe_training.utils import (torch_to_3d_rowwise_float8_transpose_rhs,
-                                                      torch_to_float8_per_group_colwise)
+    from torchao.prototype.moe_training.utils import (
+        torch_to_3d_rowwise_float8_transpose_rhs,
+        torch_to_float8_per_group_colwise,
+    )
 
     torch.manual_seed(0)
     E, K, N, counts = 3, 32, 48, [5, 16, 11]  # torchao's reference quantisers need no empty group

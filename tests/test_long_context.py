@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import herd_from_hf, hf_text_model, small_config
+
 from herd.infer.cache import KVCache
 from herd.infer.engine import Engine
 from herd.infer.sampling import SamplingParams

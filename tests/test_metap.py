@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import text_recipe
+
 from herd.config import preset
 from herd.model import Transformer
 from herd.train.metap import MetaPSpec, coordinate_scales, group_of, init_metap, param_groups

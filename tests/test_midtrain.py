@@ -3,8 +3,8 @@ RoPE theta and a long-documents-only source, and resumes like any run."""
 
 import pytest
 import torch
-
 from conftest import text_recipe
+
 from herd.errors import ConfigError
 from herd.train import run_state
 from herd.train.config import load_run_config, to_toml

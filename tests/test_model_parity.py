@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import herd_from_hf, hf_text_model, small_config
 
 CASES = {

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import small_config
+
 from herd.model.moe import GROUPED_MM, MoE, pick_grouped_mm_backend, set_grouped_mm_backend
 
 

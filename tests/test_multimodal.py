@@ -3,8 +3,8 @@ generation with images), the full multimodal checkpoint round trip, and the engi
 
 import pytest
 import torch
-
 from conftest import randomize_, small_config
+
 from herd import checkpoint
 from herd.config import VisionConfig, to_hf_dict
 from herd.infer.engine import Engine

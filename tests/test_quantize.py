@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from herd import checkpoint
+from herd.checkpoint import quantized as QC
 from herd.config import preset
 from herd.errors import CheckpointError
 from herd.eval.quant_quality import logit_kl, perplexity
-from herd.checkpoint import quantized as QC
 from herd.infer import quantize as Q
 from herd.model import Transformer
 from herd.model.moe import Experts

@@ -215,7 +215,8 @@ def test_doc_ids_with_cache_is_an_error():
 
 
 def test_activation_checkpointing_recomputes_the_same_step():
-    """parallelize picks the training backend of the experts' grouped matmuls; its activation checkpointing: the plain model's state dict names, loss and gradients, while
+    """parallelize picks the training backend of the experts' grouped matmuls; its activation checkpointing: the plain
+    model's state dict names, loss and gradients, while
     autograd keeps a fraction of the tensors (each block's inputs; the rest is recomputed in the backward)."""
     tokens = torch.randint(0, 97, (2, 33), generator=torch.Generator().manual_seed(1))
 

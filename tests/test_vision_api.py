@@ -75,7 +75,8 @@ def test_cli_generate_with_images(capsys, model_dir, pictures, tmp_path):
     assert main(args + ["--chat"]) == 0
     out = capsys.readouterr().out.strip()
     llm = herd.load(model_dir)
-    messages = [{"role": "user", "content": [{"type": "image", "path": str(wide)}, {"type": "image", "path": str(small)},
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(wide)},
+                                             {"type": "image", "path": str(small)},
                                              {"type": "text", "text": "Compare them"}]}]
     assert out == llm.chat(messages, max_new_tokens=6, temperature=0.0)["content"].strip()
     bad = tmp_path / "notes.png"

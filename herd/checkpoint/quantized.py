@@ -21,8 +21,20 @@ from herd.checkpoint.names import herd_to_hf, hf_module, hf_to_herd
 from herd.checkpoint.safetensors_io import INDEX_FILE, checkpoint_files, write_dir
 from herd.config import ModelConfig, load_config, to_hf_dict
 from herd.errors import CheckpointError
-from herd.infer.quantize import (PACKED_DTYPES, QUANT_MODULES, SCHEMES, STORAGE, QuantExperts, QuantizationInfo,
-                                 QuantLinear, aligned, cast_unquantized, check_scheme, quantizable, quantize)
+from herd.infer.quantize import (
+    PACKED_DTYPES,
+    QUANT_MODULES,
+    SCHEMES,
+    STORAGE,
+    QuantExperts,
+    QuantizationInfo,
+    QuantLinear,
+    aligned,
+    cast_unquantized,
+    check_scheme,
+    quantizable,
+    quantize,
+)
 from herd.model import Transformer
 from herd.model.moe import Experts
 

@@ -92,6 +92,21 @@ class ModelRunner:
             cache.lengths[i] += 1
         return logits
 
+    @torch.inference_mode()
+    def warmup(self, cache: KVCache) -> list[int]:
+        """Compile the decode step for every batch-size bucket of ``cache`` (over its first slot bucket) now rather
+        than at the first step that reaches it, as vLLM captures its graphs at start-up. Leaves the cache empty:
+        call it before any sequence is in. Returns the buckets compiled (none when the step is eager)."""
+        if self._compiled is None:
+            return []
+        rows = len(cache.lengths)
+        buckets = [min(1 << i, rows) for i in range((rows - 1).bit_length() + 1)]
+        for b in buckets:
+            self.decode(cache, [0] * b)
+        for b in range(rows):
+            cache.reset_row(b)
+        return buckets
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if self._compiled is not None:
             # fixed shapes: round the cache up so that nearby lengths share compiled graphs

@@ -32,8 +32,18 @@ from herd.api import LLM
 from herd.chat import parse_assistant, with_tools
 from herd.errors import HerdError
 from herd.serve.metrics import Metrics
-from herd.serve.protocol import (ChatRequest, CompletionRequest, RequestError, chat_logprobs, completion_logprobs,
-                                 envelope, herd_messages, new_id, openai_tool_calls, usage)
+from herd.serve.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    RequestError,
+    chat_logprobs,
+    completion_logprobs,
+    envelope,
+    herd_messages,
+    new_id,
+    openai_tool_calls,
+    usage,
+)
 from herd.serve.scheduler import Event, QueueFull, Scheduler, Sequence
 
 log = logging.getLogger("herd.serve")

@@ -93,6 +93,7 @@ class Scheduler:
         self._updates: queue.Queue = queue.Queue()  # (weights, done event, [error]) for the scheduler thread
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._warm = False  # the compiled step's buckets are compiled
 
     # -- the caller's side (any thread) -----------------------------------------------------------------------
     def submit(self, seqs: list[Sequence]) -> None:
@@ -138,6 +139,12 @@ class Scheduler:
         return self.max_batch - self.core.free_rows
 
     def start(self) -> Scheduler:
+        """Start the scheduler thread; with a compiled engine, compile every batch-size bucket first."""
+        if self.engine.compiled and not self._warm:
+            t0 = time.monotonic()
+            buckets = self.engine.warmup(self.core.cache)
+            log.info("compiled the decode step for batch sizes %s in %.0f s", buckets, time.monotonic() - t0)
+            self._warm = True
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="herd-scheduler", daemon=True)
         self._thread.start()

@@ -21,9 +21,8 @@ from herd.train.data import atomic_write_text
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2) -> Tokenizer:
     """Learn ``vocab_size`` byte-level BPE pieces (256 bytes included) from ``texts``; write the tokenizer files
     into ``out_dir`` (atomically, each file) and return it loaded as a herd Tokenizer."""
-    from tokenizers import Regex
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257:
         raise ValueError(f"vocab_size must exceed the 256 byte pieces, got {vocab_size}")

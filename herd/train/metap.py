@@ -70,7 +70,8 @@ def _factors(model: nn.Module, spec: MetaPSpec) -> dict[str, tuple[float, float]
     """group -> (init scale vs sigma, learning-rate / epsilon scale vs eta / eps)."""
     cfg = model.cfg
     m_d, m_L = cfg.dim / spec.base_dim, cfg.n_layers / spec.base_layers
-    f = {"embedding": (1.0, 1.0), "hidden_in": (m_d ** -0.5, 1 / m_d), "hidden_out": (m_d ** -0.5 / m_L, 1 / (m_d * m_L)),
+    f = {"embedding": (1.0, 1.0), "hidden_in": (m_d ** -0.5, 1 / m_d),
+         "hidden_out": (m_d ** -0.5 / m_L, 1 / (m_d * m_L)),
          "router": (m_d ** -0.5, 1 / m_d), "lm_head": (1 / m_d, 1 / m_d), "norms": (1.0, 1.0), "vision": (1.0, 1.0)}
     return {g: (i * spec.init_mult.get(g, 1.0), lr * spec.lr_mult.get(g, 1.0)) for g, (i, lr) in f.items()}
 
@@ -112,7 +113,8 @@ def coordinate_scales(model: nn.Module, tokens: torch.Tensor) -> dict[str, float
     """Mean |x| per coordinate of the embedding output, each block's output and the logits (muP's coordinate
     check: under a width-transferring parametrisation these stay flat as the width grows)."""
     out: dict[str, float] = {}
-    hooks = [model.embed_tokens.register_forward_hook(lambda m, i, o: out.__setitem__("embedding", o.abs().mean().item()))]
+    hooks = [model.embed_tokens.register_forward_hook(
+        lambda m, i, o: out.__setitem__("embedding", o.abs().mean().item()))]
     for k, block in enumerate(model.layers):
         hooks.append(block.register_forward_hook(
             lambda m, i, o, k=k: out.__setitem__(f"block{k}", o[0].abs().mean().item())))

@@ -5,7 +5,7 @@ One run directory holds everything (``train.out_dir``):
     run.toml            the resolved config (recipe + command-line overrides)
     tokenizer/          the tokenizer (trained here when the recipe asks for one)
     data/source_N/      token shards of each source (built on first use, reused after)
-    checkpoints/        step_XXXXXXXX/ (herd.train.checkpointing), the newest ``keep_checkpoints``
+    checkpoints/        step_XXXXXXXX/ (herd.train.run_state), the newest ``keep_checkpoints``
     metrics.jsonl       one JSON object per logged step / eval
     tb/                 TensorBoard event files (when tensorboard is installed)
 
@@ -42,12 +42,12 @@ from tqdm import tqdm
 from herd import checkpoint
 from herd.config import ModelConfig, load_config, preset
 from herd.errors import ConfigError, HerdError
+from herd.images import ImageConfig
 from herd.model.transformer import Transformer
 from herd.tokenizer import Tokenizer
-from herd.train import run_state as checkpointing
+from herd.train import run_state
 from herd.train.bpe import read_texts, train_bpe
 from herd.train.config import RunConfig, SourceSpec, to_toml
-from herd.images import ImageConfig
 from herd.train.data import INDEX_FILE, PackedLoader, TokenShards, tokenize_to_shards
 from herd.train.distributed import init_distributed, rank_rows
 from herd.train.image_text import ImageTextSet, tokenize_image_text
@@ -91,21 +91,21 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         if t.threads:
             torch.set_num_threads(t.threads)
-        ckpt = checkpointing.latest(self.ckpt_root) if resume else None
+        ckpt = run_state.latest(self.ckpt_root) if resume else None
         if resume and ckpt is None and self.world.main:
             warnings.warn(f"--resume: no checkpoint in {self.ckpt_root}; starting from step 0", stacklevel=2)
-        if not resume and checkpointing.latest(self.ckpt_root) is not None:
+        if not resume and run_state.latest(self.ckpt_root) is not None:
             raise ConfigError(f"{self.out} already holds checkpoints: pass --resume to continue that run, or choose "
                               f"another train.out_dir")
         self.init = self._init_dir()
         with self.world.main_first():  # rank 0 builds the shared files (tokenizer, shards); the others read them
             if self.world.main:
                 self.out.mkdir(parents=True, exist_ok=True)
-                for p in checkpointing.clean_partial(self.ckpt_root):
+                for p in run_state.clean_partial(self.ckpt_root):
                     warnings.warn(f"removed the unfinished checkpoint {p} (a save was interrupted)", stacklevel=2)
             self.tokenizer, self.tokenizer_dir = self._tokenizer()
             if ckpt is not None:
-                self.model_cfg = load_config(ckpt / checkpointing.MODEL_DIR)
+                self.model_cfg = load_config(ckpt / run_state.MODEL_DIR)
             else:
                 self.model_cfg = self.model_config()
             self.loader = self._loader(cfg.data.sources, cfg.data.seed, "source")
@@ -121,8 +121,8 @@ class Trainer:
         self.optimizer = self._optimizer()
         self.step, self.resumed_from, self.train_time = 0, ckpt, 0.0
         if ckpt is not None:
-            state = checkpointing.read_trainer_state(ckpt)
-            checkpointing.load_state(ckpt, self.model, self.optimizer)
+            state = run_state.read_trainer_state(ckpt)
+            run_state.load_state(ckpt, self.model, self.optimizer)
             self.loader.load_state_dict(state["loader"])
             self.step = int(state["step"])
             self.train_time = float(state.get("train_time_s", 0.0))
@@ -208,7 +208,7 @@ class Trainer:
         if (path / "config.json").is_file():
             return path
         try:
-            return checkpointing.resolve(path) / checkpointing.MODEL_DIR
+            return run_state.resolve(path) / run_state.MODEL_DIR
         except HerdError:
             raise ConfigError(f"model.init_from={self.cfg.model.init_from!r}: {path} is neither a model directory "
                               f"(config.json) nor a training run or checkpoint") from None
@@ -339,7 +339,7 @@ class Trainer:
     def save(self, metrics: dict[str, Any] | None = None) -> Path:
         state = {"loader": self.loader.state_dict(), "config": self.cfg.to_dict(), "metrics": metrics or {},
                  "train_time_s": self.train_time}
-        return checkpointing.save(self.ckpt_root, self.step, self.model, self.optimizer, state,
+        return run_state.save(self.ckpt_root, self.step, self.model, self.optimizer, state,
                                   tokenizer_dir=self.tokenizer_dir, keep=self.cfg.train.keep_checkpoints,
                                   world=self.world)
 
