@@ -1,7 +1,7 @@
 """Serving throughput of `herd serve` under concurrent clients, against sequential serving measured in the same run.
 
     python benchmarks/serve.py [--configs medium] [--dtype bf16] [--concurrency 1,8,32] [--new-tokens 32] [--compile]
-                               [--write]
+                               [--repeats 3] [--write]
 
 For each config (benchmarks/configs.py, random weights) the script starts `herd serve` in its own process on
 loopback and drives it with the official openai client from threads:
@@ -106,41 +106,50 @@ def run_level(url: str, clients: int, total: int, new_tokens: int, offset: int, 
             "ttft_s": sum(r[0] for r in results) / total, "tokens": tokens}
 
 
-def generate_tok_s(model_dir: Path, dtype: str, new_tokens: int, compile: bool) -> float:
-    """`herd generate`'s tokens/s for one 32-token prompt, end to end (prefill + decode), from `herd bench`."""
-    out = subprocess.run([sys.executable, "-m", "herd.cli", "bench", str(model_dir), "--prompt-len", "32",
-                          "--new-tokens", str(new_tokens), "--dtype", dtype, "--json",
-                          *(["--compile"] if compile else [])], check=True, capture_output=True, text=True)
-    r = json.loads(out.stdout)
-    return new_tokens / (r["prefill_s"] + r["decode_s"])
+def generate_tok_s(model_dir: Path, dtype: str, new_tokens: int, compile: bool, repeats: int) -> float:
+    """`herd generate`'s tokens/s for one 32-token prompt, end to end (prefill + decode), from `herd bench`: the
+    median of ``repeats`` runs, each in its own process as the server is."""
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-m", "herd.cli", "bench", str(model_dir), "--prompt-len", "32",
+                              "--new-tokens", str(new_tokens), "--dtype", dtype, "--json",
+                              *(["--compile"] if compile else [])], check=True, capture_output=True, text=True)
+        r = json.loads(out.stdout)
+        runs.append(new_tokens / (r["prefill_s"] + r["decode_s"]))
+    return sorted(runs)[len(runs) // 2]
 
 
 def bench_config(name: str, dtype: str, levels: list[int], new_tokens: int, sequential: int,
-                 compile: bool = False) -> list[dict]:
+                 compile: bool = False, repeats: int = 3) -> list[dict]:
     model_dir = configs.make_model_dir(name, dtype)
     vocab = configs.CONFIGS[name].vocab_size
-    anchor = generate_tok_s(model_dir, dtype, new_tokens, compile)
+    anchor = generate_tok_s(model_dir, dtype, new_tokens, compile, repeats)
     print(f"{name} {dtype} herd generate{' --compile' if compile else ''}: {anchor:.1f} tok/s", flush=True)
     with server(model_dir, dtype, max(levels), compile) as url:
         one_request(url + "/v1", 0, 4, vocab)  # warm-up
         rows = []
         for level in ["sequential", *levels]:
-            steps, tokens = counters(url)
-            if level == "sequential":
-                r = run_level(url + "/v1", 1, sequential, new_tokens, 1000, vocab)
-            else:
-                r = run_level(url + "/v1", level, level, new_tokens, 2000 + 100 * level, vocab)
-            steps2, tokens2 = counters(url)
-            # every request's first token comes from its prefill, the others from decode steps
-            r["mean_batch"] = (tokens2 - tokens - r["requests"]) / max(steps2 - steps, 1)
+            runs = []
+            for rep in range(repeats):  # arrivals interleave with steps differently each time: take the median
+                steps, tokens = counters(url)
+                if level == "sequential":
+                    r = run_level(url + "/v1", 1, sequential, new_tokens, 1000 + 10 * rep, vocab)
+                else:
+                    r = run_level(url + "/v1", level, level, new_tokens, 2000 + 100 * level + rep, vocab)
+                steps2, tokens2 = counters(url)
+                # every request's first token comes from its prefill, the others from decode steps
+                r["mean_batch"] = (tokens2 - tokens - r["requests"]) / max(steps2 - steps, 1)
+                runs.append(r)
+            r = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
             rows.append({"level": level, **r})
-            print(f"{name} {dtype} {level}: {r['tok_s']:.1f} tok/s, mean decode batch {r['mean_batch']:.1f}",
-                  flush=True)
+            each = ", ".join(f"{x['tok_s']:.1f}" for x in runs)
+            print(f"{name} {dtype} {level}: {r['tok_s']:.1f} tok/s (runs: {each}), mean decode batch "
+                  f"{r['mean_batch']:.1f}", flush=True)
         for r in rows:
             r["vs_sequential"] = r["tok_s"] / rows[0]["tok_s"]
             r["vs_generate"] = r["tok_s"] / anchor if r["level"] in ("sequential", 1) else None
         return [{"level": "herd generate", "requests": 1, "wall_s": new_tokens / anchor, "req_s": anchor / new_tokens,
-                 "tok_s": anchor, "ttft_s": float("nan"), "mean_batch": 1.0, "vs_sequential": anchor / rows[0]["tok_s"],
+                 "tok_s": anchor, "ttft_s": None, "mean_batch": 1.0, "vs_sequential": anchor / rows[0]["tok_s"],
                  "vs_generate": 1.0}, *rows]
 
 
@@ -152,16 +161,18 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--sequential", type=int, default=4, help="requests in the sequential anchor")
     p.add_argument("--compile", action="store_true", help="herd serve --compile (and herd generate --compile)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each level; the table shows the median")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     a = p.parse_args()
     levels = [int(c) for c in a.concurrency.split(",")]
     lines = ["| config | clients | requests | wall s | requests/s | tokens/s | vs sequential | vs generate | "
              "mean TTFT s | mean decode batch |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in a.configs.split(","):
-        for r in bench_config(name, a.dtype, levels, a.new_tokens, a.sequential, a.compile):
+        for r in bench_config(name, a.dtype, levels, a.new_tokens, a.sequential, a.compile, a.repeats):
             vs_generate = "" if r["vs_generate"] is None else f"{r['vs_generate']:.2f}x"
+            ttft = "–" if r["ttft_s"] is None else f"{r['ttft_s']:.2f}"
             lines.append(f"| {name} | {r['level']} | {r['requests']} | {r['wall_s']:.1f} | {r['req_s']:.2f} | "
-                         f"{r['tok_s']:.1f} | {r['vs_sequential']:.2f}x | {vs_generate} | {r['ttft_s']:.2f} | "
+                         f"{r['tok_s']:.1f} | {r['vs_sequential']:.2f}x | {vs_generate} | {ttft} | "
                          f"{r['mean_batch']:.1f} |")
     table = "\n".join(lines)
     print(table)
@@ -171,11 +182,13 @@ def main() -> None:
             f"request) — "
             f"{datetime.date.today()} — {describe()}\n\n"
             f"Command: `python benchmarks/serve.py --configs {a.configs} --dtype {a.dtype} --concurrency "
-            f"{a.concurrency} --new-tokens {a.new_tokens}{' --compile' if a.compile else ''} --write`. torch "
+            f"{a.concurrency} --new-tokens {a.new_tokens}{' --compile' if a.compile else ''} --repeats {a.repeats} "
+            f"--write`. torch "
             f"{torch.__version__}. The server (its own "
             f"process) and its clients (openai, streaming, one thread each) share the machine. \"sequential\" sends "
             f"{a.sequential} requests one after another (the anchor); each concurrency level sends that many "
-            f"requests at once, with --max-batch {max(levels)}. \"herd generate\" is `herd bench` on one 32-token "
+            f"requests at once, with --max-batch {max(levels)}; each level runs {a.repeats} times and the table "
+            f"shows the median run. \"herd generate\" is `herd bench` on one 32-token "
             f"prompt outside the server, end to end (the second anchor, \"vs generate\").\n\n{table}\n")
 
 

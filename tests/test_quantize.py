@@ -291,8 +291,8 @@ def test_fp8_cuda_scaled_mm(bf16, tmp_path, monkeypatch):
         monkeypatch.undo()
     assert (fast - loop).norm() / loop.norm() < 0.01
     calls = []
-    real = Q._fp8_rowwise_mm
-    monkeypatch.setattr(Q, "_fp8_rowwise_mm", lambda *a: calls.append(1) or real(*a))
+    real = Q.fp8_rowwise_mm
+    monkeypatch.setattr(Q, "fp8_rowwise_mm", lambda *a: calls.append(1) or real(*a))
     model = Q.quantize(copy.deepcopy(bf16).cuda(), "fp8", experts_only=False, skip=())
     ref = copy.deepcopy(bf16).cuda()
     tokens = TOKENS.cuda()

@@ -167,11 +167,15 @@ class DecodeCore:
             seq.scored = []
 
     # -- one step -------------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self, budget: int | None = None, decode: bool = True) -> list[Sequence]:
-        """Prefill up to ``budget`` prompt tokens (None: every waiting prompt), then (``decode``) one decode step
-        of the running sequences. Returns the sequences that got a token or ended, in no particular order;
-        those that ended have left the core."""
+        """``prefill(budget)``, then (``decode``) ``decode()``: the sequences that got a token or ended."""
+        changed = self.prefill(budget)
+        return changed + self.decode() if decode else changed
+
+    @torch.inference_mode()
+    def prefill(self, budget: int | None = None) -> list[Sequence]:
+        """Drop cancelled sequences, then prefill up to ``budget`` prompt tokens (None: every waiting prompt).
+        Returns the sequences that got their first token or ended (those that ended have left the core)."""
         changed: list[Sequence] = []
         self._drop_cancelled(changed)
         if self.version != self.runner.weights_version:
@@ -179,7 +183,13 @@ class DecodeCore:
         left = float("inf") if budget is None else budget
         while left > 0 and self.prefilling:
             left -= self._prefill(self._prefill_group(left), changed)
-        if decode and self.running:
+        return changed
+
+    @torch.inference_mode()
+    def decode(self) -> list[Sequence]:
+        """One decode step of the running sequences: those that got a token (those that ended have left)."""
+        changed: list[Sequence] = []
+        if self.running:
             self._decode(changed)
         return changed
 

@@ -140,7 +140,7 @@ def _fp8_rows(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x_MK / x_scale_M1).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn), x_scale_M1
 
 
-def _fp8_rowwise_mm(x_MK: torch.Tensor, q_NK: torch.Tensor, scale_N1: torch.Tensor) -> torch.Tensor:
+def fp8_rowwise_mm(x_MK: torch.Tensor, q_NK: torch.Tensor, scale_N1: torch.Tensor) -> torch.Tensor:
     xq_MK, x_scale_M1 = _fp8_rows(x_MK)
     # the second operand must be column-major: the transpose of the row-major [N, K] weight is; fast
     # accumulation as fbgemm's f8f8bf16_rowwise runs it for Llama 4
@@ -165,7 +165,7 @@ def qmatmul(x_MK: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, scheme: st
         x_MK = x_MK if x_MK.is_contiguous() and aligned(x_MK) else x_MK.clone(memory_format=torch.contiguous_format)
         return torch._weight_int8pack_mm(x_MK, q, scale.to(x_MK.dtype).reshape(-1))
     if scheme == "fp8" and _fp8_gemm_ok(x_MK, q):
-        return _fp8_rowwise_mm(x_MK, q, scale)
+        return fp8_rowwise_mm(x_MK, q, scale)
     if scheme == "int4_weight_int8_dynamic_activation":
         x_MK = fake_quantize_per_token_int8(x_MK)
     return F.linear(x_MK, dequantize_weight(q, scale, scheme, x_MK.dtype))

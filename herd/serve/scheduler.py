@@ -175,14 +175,16 @@ class Scheduler:
     # -- the scheduler thread ---------------------------------------------------------------------------------
     def step(self) -> bool:
         """One iteration: apply a pending weight update, drop cancelled sequences, admit waiting ones while rows
-        are free, then one core step (prefill up to ``prefill_chunk`` tokens, one decode step). Returns whether
-        there was anything to do."""
+        are free, prefill up to ``prefill_chunk`` prompt tokens (reporting first tokens at once), then one decode
+        step. Returns whether there was anything to do."""
         self._apply_updates()
         self._drop_cancelled()
         busy = self._admit()
         if not self.core.busy:
             return busy
-        for seq in self.core.step(budget=self.engine.prefill_chunk):
+        for seq in self.core.prefill(budget=self.engine.prefill_chunk):  # first tokens go out before the decode
+            self._report(seq)
+        for seq in self.core.decode():
             self._report(seq)
         self.stats.decode_steps, self.stats.prefill_chunks = self.core.decode_steps, self.core.prefill_forwards
         self.stats.max_running = max(self.stats.max_running, len(self.core.running))
