@@ -170,6 +170,12 @@ def test_bad_prompts_are_rejected_clearly():
         engine.generate([[10_000]])
     with pytest.raises(ValueError, match="context"):
         engine.generate([[1]], SamplingParams(max_new_tokens=10**6))
+    with pytest.raises(ValueError, match="no prompts"):
+        engine.generate([])
+    # a seeded batch draws row i from seed + i, wrapping at 2^64 as torch's generators do
+    p = SamplingParams(max_new_tokens=3, temperature=1.0, seed=2**64 - 1, stop_ids=NO_STOP)
+    wrapped = engine.generate([[1, 2], [1, 2]], p)
+    assert wrapped[1].token_ids == engine.generate([[1, 2]], SamplingParams(**{**vars(p), "seed": 0}))[0].token_ids
 
 
 def test_compiled_decode_equals_eager():

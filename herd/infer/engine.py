@@ -43,14 +43,16 @@ class Engine(ModelRunner):
               images: Sequence[torch.Tensor | None] | None = None) -> Iterator[list[Row]]:
         """Yield the rows after the prefill and after every decode step until all are done. A seeded batch
         draws row i from seed + i, so that row i is what prompt i gives alone with that seed."""
+        if not prompts:
+            raise ValueError("no prompts to generate from")
         images = images if images is not None else [None] * len(prompts)
         self.check_inputs(prompts, images)
         max_len = max(len(p) for p in prompts) + params.max_new_tokens
         if max_len > self.model.cfg.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds the model's context "
                              f"({self.model.cfg.max_seq_len})")
-        seqs = [core.Sequence(list(p), params if params.seed is None else
-                              dataclasses.replace(params, seed=params.seed + i), pixels)
+        seqs = [core.Sequence(list(p), params if params.seed is None else  # torch seeds are 64-bit: wrap
+                              dataclasses.replace(params, seed=(params.seed + i) % 2**64), pixels)
                 for i, (p, pixels) in enumerate(zip(prompts, images))]
         batch = self.core(len(prompts), max_len, min_bucket=len(prompts))
         yielded = False
