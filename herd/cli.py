@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     s.add_argument("--compile", action="store_true",
                    help="decode through torch.compile (CUDA graphs on GPU), one graph per batch-size bucket "
-                        "(1, 2, 4, ...), each compiled the first time the batch reaches it")
+                        "(1, 2, 4, ... up to --max-batch), all compiled at start-up")
     s.add_argument("--max-queue", type=int, default=256, help="waiting sequences before requests get 429")
     s.add_argument("--max-tokens-limit", type=int, default=None, help="the largest max_tokens a request may ask for")
     s.add_argument("--max-model-len", type=int, default=None,

@@ -166,6 +166,7 @@ class StaticRows:
         self.k = [k[:rows] if ring else k[:rows, :, :slots] for k, ring in zip(cache.k, cache.ring)]
         self.v = [v[:rows] if ring else v[:rows, :, :slots] for v, ring in zip(cache.v, cache.ring)]
         self.ring_pos, self.slot_pos = cache.ring_pos[:rows], cache.slot_pos[:rows, :slots]
+        self.static_marked = False  # the runner marks the tensors as static addresses for CUDA graphs, once
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.k, *self.v, self.ring_pos]

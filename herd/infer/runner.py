@@ -81,7 +81,7 @@ class ModelRunner:
         lengths = cache.lengths[:rows]
         slots = min(bucket(max(lengths) + 1, MIN_SLOTS), cache.max_len)
         view = cache.static(rows, slots)
-        if self.device.type == "cuda" and not getattr(view, "static_marked", False):
+        if self.device.type == "cuda" and not view.static_marked:
             for t in view.tensors():
                 torch._dynamo.mark_static_address(t)  # written in place inside the CUDA graph
             view.static_marked = True
