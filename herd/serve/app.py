@@ -16,6 +16,8 @@ import asyncio
 import json
 import logging
 import secrets
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -185,9 +187,11 @@ class ServerState:
 
 def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 256, max_tokens_limit: int | None = None, max_len: int | None = None,
-               media_dir: str | Path | None = None) -> FastAPI:
+               media_dir: str | Path | None = None, own_scheduler_thread: bool = True) -> FastAPI:
     """The server app for a loaded model. ``max_len`` bounds prompt + completion (default: the model's context,
-    capped at 8192 to keep the batch's KV cache small); ``max_tokens_limit`` bounds max_tokens."""
+    capped at 8192 to keep the batch's KV cache small); ``max_tokens_limit`` bounds max_tokens.
+    ``own_scheduler_thread``: the app's lifespan runs the scheduler in a thread; False: the caller runs
+    ``app.state.scheduler.run()`` (``serve`` does, on the main thread)."""
     scheduler = Scheduler(llm.engine, max_batch=max_batch, max_queue=max_queue,
                           max_len=max_len or min(llm.model.cfg.max_seq_len, 8192))
     state = ServerState(llm, model_name, scheduler, Metrics(scheduler),
@@ -195,11 +199,15 @@ def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
+        if own_scheduler_thread:
+            scheduler.start()
         try:
             yield
         finally:
-            scheduler.stop()
+            if own_scheduler_thread:
+                scheduler.stop()
+            else:  # serve() stops it on its own thread once the loop has returned
+                scheduler.request_stop()
 
     app = FastAPI(title="herd", lifespan=lifespan)
     app.state.herd = state
@@ -464,7 +472,28 @@ def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
 
 def serve(llm: LLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           **app_options) -> None:
-    """Run the server until interrupted (uvicorn)."""
+    """Run the server until interrupted: the scheduler on this (the main) thread, which loaded the model, and
+    uvicorn on a thread of its own (see ``Scheduler.run`` for why). Compiled decode graphs are built before the
+    port opens."""
     import uvicorn
 
-    uvicorn.run(create_app(llm, model_name, **app_options), host=host, port=port, log_level=log_level)
+    app = create_app(llm, model_name, own_scheduler_thread=False, **app_options)
+    scheduler: Scheduler = app.state.scheduler
+    scheduler.warmup()
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    http = threading.Thread(target=server.run, name="herd-http", daemon=True)
+
+    def shut_down(signum, frame):
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, shut_down)
+    http.start()
+    try:
+        scheduler.run(until=lambda: not http.is_alive())
+    finally:
+        scheduler.stop()
+        server.should_exit = True
+        http.join(timeout=30)
+    if not server.started:
+        raise HerdError(f"the HTTP server did not start on {host}:{port} (see the log above)")

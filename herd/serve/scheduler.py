@@ -1,5 +1,6 @@
-"""Continuous batching: one thread steps the decode core (herd.infer.core) — the same core ``Engine.generate``
-runs — admitting waiting sequences as soon as a row is free; a sequence leaves the batch the step it finishes.
+"""Continuous batching: one loop steps the decode core (herd.infer.core) — the same core ``Engine.generate`` runs
+— admitting waiting sequences as soon as a row is free; a sequence leaves the batch the step it finishes. The loop
+runs on a thread of its own (``start``) or on the caller's (``run``: ``herd serve`` keeps it on the main thread).
 
 Each iteration prefills up to ``prefill_chunk`` prompt tokens (a long prompt delays the running streams by a
 chunk, not by the whole prompt; many short ones join in one iteration, batched where exact), then decodes one
@@ -138,29 +139,29 @@ class Scheduler:
     def n_running(self) -> int:
         return self.max_batch - self.core.free_rows
 
-    def start(self) -> Scheduler:
-        """Start the scheduler thread; with a compiled engine, compile every batch-size bucket first."""
+    def warmup(self) -> None:
+        """With a compiled engine, compile every batch-size bucket now (once)."""
         if self.engine.compiled and not self._warm:
             t0 = time.monotonic()
             buckets = self.engine.warmup(self.core.cache)
             log.info("compiled the decode step for batch sizes %s in %.0f s", buckets, time.monotonic() - t0)
             self._warm = True
+
+    def start(self) -> Scheduler:
+        """Run the loop in a thread of its own (``run`` keeps it on the calling thread)."""
+        self.warmup()
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="herd-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self.run, name="herd-scheduler", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        self._stop = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        for s in [*self.core.fail_all(RuntimeError("the server is shutting down")), *self.waiting]:
-            self._end(s, "cancelled", "the server is shutting down")
-        self.waiting.clear()
-
-    def _loop(self) -> None:
-        while not self._stop:
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        """The scheduler loop, on the calling thread, until ``stop`` or ``until()``. ``herd serve`` runs it on the
+        main thread, the one that loaded the model: a second thread running torch's CPU kernels starts a second
+        OpenMP pool, and with more pool threads than cores GNU OpenMP stops spinning between parallel regions
+        (decode steps were ~12% slower on 2 cores)."""
+        self.warmup()
+        while not self._stop and not until():
             try:
                 busy = self.step()
             except Exception as e:  # a bug or an out-of-memory: fail what is in flight, keep serving
@@ -171,6 +172,21 @@ class Scheduler:
             if not busy:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
+
+    def request_stop(self) -> None:
+        """Ask the loop to end after its current step (from any thread)."""
+        self._stop = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        """End the loop and fail what is left: from any thread when the loop has its own (``start``), else from
+        the thread that ran ``run``, after it returned."""
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for s in [*self.core.fail_all(RuntimeError("the server is shutting down")), *self.waiting]:
+            self._end(s, "cancelled", "the server is shutting down")
+        self.waiting.clear()
 
     # -- the scheduler thread ---------------------------------------------------------------------------------
     def step(self) -> bool:
