@@ -100,10 +100,6 @@ class Sequence:
         """Thread-safe: the core drops the sequence at its next step."""
         self.cancelled = True
 
-    @property
-    def done(self) -> bool:
-        return self.error is not None or (self.row is not None and self.row.done)
-
 
 class DecodeCore:
     def __init__(self, runner: ModelRunner, max_batch: int, max_len: int, min_bucket: int = 1):
@@ -253,7 +249,7 @@ class DecodeCore:
             lo -= 1
         while hi + 1 in alike:
             hi += 1
-        n = max(1, min(hi - lo + 1, int(budget // T) if budget != float("inf") else hi - lo + 1))
+        n = hi - lo + 1 if budget == float("inf") else max(1, min(hi - lo + 1, int(budget // T)))
         lo = max(lo, min(head.slot, hi - n + 1))  # keep the head in the group
         return [alike[s] for s in range(lo, lo + n)]
 
