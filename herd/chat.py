@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -175,30 +176,16 @@ class ChatFormat:
         failed as messages[i].content[j] (0-based, .frames[k] for a video frame).
         dtype=torch.bfloat16 gives transformers' Llama4ImageProcessor pixels bit for bit.
         """
-        from herd.images import ImageConfig, ImageError, load_image, tile_image  # torchvision: ~1 s, load late
+        from herd.images import ImageConfig, load_image, tile_image  # torchvision: ~1 s, load late
 
         cfg = image_config or ImageConfig()
         images: list[ProcessedImage] = []
-        laid_out = []  # copies of the messages with each image replaced by its tile layout
-        for i, message in enumerate(messages):
-            content = message.get("content")
-            if not isinstance(content, (list, dict)):
-                laid_out.append(message)
-                continue
-            parts = []
-            for j, part in enumerate(_parts(content)):
-                sources = _pixel_sources(part, f"messages[{i}].content[{j}]")
-                if sources is None:
-                    parts.append(part)
-                    continue
-                for where, source in sources:
-                    try:
-                        image = tile_image(load_image(source), cfg, dtype)
-                    except ImageError as e:
-                        raise ImageError(f"{where}: {e}") from None
-                    images.append(image)
-                    parts.append({"type": "image", "tiles": image.aspect_ratio})
-            laid_out.append({**message, "content": parts})
+
+        def tile(source: Any) -> tuple[int, int]:
+            images.append(tile_image(load_image(source), cfg, dtype))
+            return images[-1].aspect_ratio
+
+        laid_out = lay_out_images(messages, tile)
         return self.encode_dialog(laid_out, add_generation_prompt), images
 
 
@@ -237,6 +224,33 @@ def _text_of(content: str | list | dict | None) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     return "".join(p if isinstance(p, str) else p.get("text", "") for p in _parts(content))
+
+
+def lay_out_images(messages: list[dict], grid: Callable[[Any], tuple[int, int]]) -> list[dict]:
+    """Copies of the messages with each image (or video frame) carrying pixels replaced by its layout-only part
+    {"type": "image", "tiles": grid(source)}, in reading order; an ImageError from ``grid`` is re-raised naming
+    the part as messages[i].content[j] (0-based, .frames[k] for a video frame)."""
+    from herd.images import ImageError
+
+    laid_out = []
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if not isinstance(content, (list, dict)):
+            laid_out.append(message)
+            continue
+        parts = []
+        for j, part in enumerate(_parts(content)):
+            sources = _pixel_sources(part, f"messages[{i}].content[{j}]")
+            if sources is None:
+                parts.append(part)
+                continue
+            for where, source in sources:
+                try:
+                    parts.append({"type": "image", "tiles": grid(source)})
+                except ImageError as e:
+                    raise ImageError(f"{where}: {e}") from None
+        laid_out.append({**message, "content": parts})
+    return laid_out
 
 
 def has_pixels(messages: list[dict]) -> bool:

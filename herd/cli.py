@@ -183,6 +183,31 @@ def cmd_train(args: argparse.Namespace) -> None:
                           if not k.startswith("moe/layer")}))
 
 
+def cmd_sft(args: argparse.Namespace) -> None:
+    from herd.post.sft import sft_config
+
+    overrides = list(args.overrides)
+    if args.eval:
+        overrides += ["--sft.eval", json.dumps([str(p.resolve()) for p in args.eval])]
+    if args.eval_fraction is not None:
+        overrides += ["--sft.eval_fraction", repr(args.eval_fraction)]
+    cfg = sft_config(args.model_dir, args.data, args.out, recipe=args.config, overrides=overrides, steps=args.steps,
+                     lr=args.lr, batch_size=args.batch_size, lora=args.lora)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _torchrun(args.argv, args.nproc, cfg.train.threads)
+    from herd.post.sft import sft
+
+    result = sft(cfg, resume=args.resume, progress=not (args.no_progress or args.json))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if args.json:
+        print(json.dumps(result))
+    else:
+        loss = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        print(f"sft: {result['steps']} steps on {result['examples']} examples; train loss {loss(result['train_loss'])}"
+              f", eval loss {loss(result['eval_loss'])} -> {result['out']}")
+
+
 def _torchrun(argv: list[str], nproc: int, threads: int | None) -> None:
     """Run this same command as ``nproc`` processes under torchrun (one host), and exit with its status."""
     argv = list(argv)
@@ -239,6 +264,18 @@ def cmd_niah(args: argparse.Namespace) -> None:
     print(f"accuracy {result.accuracy:.1%} over {len(result.samples)} prompts; {result.seconds:.0f} s")
     print(f"wrote {files['json']}" + (f" and {files['png']}" if "png" in files else
                                       " (no heatmap: pip install matplotlib)"))
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> None:
+    from herd.eval.tasks import evaluate_tasks, render
+    from herd.post.tasks import get_task, split_specs
+
+    tasks = {spec: get_task(spec) for spec in split_specs(args.tasks)}  # bad specs fail before the model loads
+    report = evaluate_tasks(_load(args), tasks, n=args.n, samples=args.samples, temperature=args.temperature,
+                            k=args.k, difficulty=args.difficulty, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                            batch=args.batch, threshold=args.threshold, plain=args.plain,
+                            progress=not args.no_progress)
+    print(json.dumps(report) if args.json else render(report))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -383,7 +420,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "(+ expert parallelism with --train.ep N)")
     s.set_defaults(func=cmd_train, overrides=[])
 
-    s = sub.add_parser("eval", help="evaluations (niah: needle in a haystack)")
+    s = sub.add_parser("sft", help="supervised fine-tuning (full or LoRA) on chats in TRL's formats; --section.key "
+                       "VALUE overrides the recipe", epilog="example: herd sft models/herd-pico chats.jsonl --out "
+                       "runs/pico-sft --lora 16 --steps 200  (recipe sections: model, data, optim, train, sft, lora)")
+    s.add_argument("model_dir", type=Path, help="the model to fine-tune (an HF model directory)")
+    s.add_argument("data", nargs="+", type=Path,
+                   help="JSONL / Parquet files: {messages}, {prompt, completion} (strings or message lists)")
+    s.add_argument("--out", type=Path, required=True,
+                   help="the run directory, and at the end the fine-tuned HF model directory (+ adapter/ with --lora)")
+    s.add_argument("--steps", type=int, help="optimizer steps (default: --sft.epochs passes over the data, 1)")
+    s.add_argument("--lr", type=float, help="peak learning rate (default 2e-5; 2e-4 with --lora)")
+    s.add_argument("--batch-size", type=int, help="packed rows per step (default 8; rows of --data.seq_len tokens)")
+    s.add_argument("--lora", type=int, metavar="RANK",
+                   help="train LoRA adapters of this rank on attention and expert weights, not the full model")
+    s.add_argument("--eval", type=Path, nargs="+", help="held-out files for eval_loss")
+    s.add_argument("--eval-fraction", type=float, help="hold out this share of the data for eval_loss instead")
+    s.add_argument("--config", type=Path, help="a recipe (TOML) with the run's settings")
+    s.add_argument("--json", action="store_true",
+                   help="print one JSON object at the end: out, steps, examples, train_loss, eval_loss")
+    s.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint in --out")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--nproc", type=int, default=1, help="processes on this host (torchrun): FSDP2 (+ --train.ep N)")
+    s.set_defaults(func=cmd_sft, overrides=[])
+
+    s = sub.add_parser("eval", help="evaluations (niah: needle in a haystack; tasks: pass@k on verifiable tasks)")
     evals = s.add_subparsers(dest="eval", required=True)
     s = evals.add_parser("niah", help="needle-in-a-haystack retrieval over context lengths x needle depths",
                          epilog="example: herd eval niah models/herd-pico --lengths 256,512,1K --needles 4")
@@ -401,6 +461,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_niah)
 
+    s = evals.add_parser("tasks", help="pass@1 / pass@k on verifiable tasks, per task and difficulty",
+                         description="Tasks: arithmetic, next_line, speaker, play, instruction, shapes (images), or a "
+                                     "JSONL file of {\"prompt\", \"answer\"} records graded by "
+                                     "FILE.jsonl:matcher=normalised|exact|numeric|regex (numeric: :tolerance=X) or "
+                                     "FILE.jsonl:reward=MODULE:FUNCTION (f(prompt, completion, answer) -> [0, 1]). "
+                                     "Options follow a name as :key=value (arithmetic:digits=3, "
+                                     "speaker:corpus=DIR). See herd/post/tasks/__init__.py.",
+                         epilog="example: herd eval tasks MODEL --tasks arithmetic,instruction --n 50 --samples 8 "
+                                "--temperature 0.8")
+    _add_model_args(s)
+    s.add_argument("--tasks", required=True, metavar="SPEC[,SPEC]", help="task names or JSONL files, comma-separated")
+    s.add_argument("--n", type=int, default=20, help="items per task (default 20; a JSONL file: at most its records)")
+    s.add_argument("--samples", type=int, default=1, help="completions per item, K (default 1; needs --temperature)")
+    s.add_argument("--k", type=int, default=None, help="the k of pass@k (default: --samples)")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default): one sample per item")
+    s.add_argument("--difficulty", type=int, default=None, help="one level only (default: cycle through the levels)")
+    s.add_argument("--threshold", type=float, default=1.0, help="the score a sample needs to pass (default 1.0)")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--plain", action="store_true", help="plain-text prompts ending in 'Answer:' (base models)")
+    s.add_argument("--batch", type=int, default=32, help="sequences generated together (default 32)")
+    s.add_argument("--seed", type=int, default=0, help="the items and the sampling")
+    s.add_argument("--json", action="store_true", help="print one JSON object (pass@1, pass@k, tasks)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_eval_tasks)
+
     s = sub.add_parser("export", help="write a training checkpoint as an HF model directory (generate, transformers)")
     s.add_argument("checkpoint", type=Path, help="a checkpoint (step_*), or a run directory (its latest checkpoint)")
     s.add_argument("out", type=Path)
@@ -412,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "sft"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = extra  # --section.key VALUE pairs for the recipe

@@ -206,6 +206,11 @@ def _plan(h: int, w: int, cfg: ImageConfig) -> tuple[tuple[int, int], tuple[int,
     return (rows, cols), (max(int(nh), 1), max(int(nw), 1))
 
 
+def tile_grid(img: torch.Tensor, cfg: ImageConfig = ImageConfig()) -> tuple[int, int]:
+    """(rows, cols) of the grid tile_image cuts ``img`` [3, H, W] into, without cutting it."""
+    return _plan(img.shape[1], img.shape[2], cfg)[0]
+
+
 def tile_image(img: torch.Tensor, cfg: ImageConfig = ImageConfig(),
                dtype: torch.dtype = torch.float32) -> ProcessedImage:
     """[3, H, W] uint8 RGB (see load_image) -> Llama 4 tiles.

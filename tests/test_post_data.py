@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_model
+from conftest import random_model, small_config
 
 from herd.chat import ChatFormat
 from herd.post.data import (
@@ -60,7 +60,8 @@ def test_packed_loss_equals_cross_entropy_by_hand_over_assistant_tokens(fmt):
     batch = collate([row])
     with torch.no_grad():
         logits = model(batch["tokens"], positions=batch["positions"], doc_ids=batch["doc_ids"])
-        got = F.cross_entropy(logits[0].float(), batch["labels"][0], ignore_index=IGNORE)
+        got = F.cross_entropy(logits[0].float(), batch["targets"][0].masked_fill(~batch["loss_mask"][0], IGNORE),
+                              ignore_index=IGNORE)
         terms = []
         for ex in (a, b):
             logp = model(torch.tensor([ex.ids]))[0].float().log_softmax(-1)
@@ -133,3 +134,97 @@ def test_pack_keeps_examples_whole_and_masks_documents():
             pos = row["positions"][row["doc_ids"] == d].tolist()
             assert pos == list(range(len(pos)))
     assert sum(int((r["labels"] != IGNORE).sum()) for r in rows) == sum(len(e.ids) - 1 for e in exs)
+
+
+def _assistant_spans(encode, messages):
+    """Where each assistant message's tokens lie, found the way inference finds them: the ids of the conversation
+    up to the message with a generation prompt are what the model is given; what the message adds after that is
+    what it must produce."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            start = len(encode(messages[:i], add_generation_prompt=True))
+            spans.append(range(start, len(encode(messages[:i + 1], add_generation_prompt=False))))
+    return spans
+
+
+def test_sft_loss_of_a_conversation_with_an_image_and_a_tool_call_is_cross_entropy_over_assistant_tokens(tmp_path):
+    """A multi-turn chat with a real image (pixels, tiled as inference tiles them) and a tool call, packed with a
+    second example: the trainer's loss = the mean of -log p over the assistant tokens of each example run alone
+    through the inference layout (encode_dialog_with_images)."""
+    from PIL import Image
+
+    from herd.config import VisionConfig
+    from herd.images import ImageConfig
+    from herd.model.transformer import Transformer
+    from herd.train.losses import cross_entropy
+
+    Image.new("RGB", (200, 120), (200, 30, 30)).save(tmp_path / "red.png")
+    tok = Tokenizer.load()
+    vision = VisionConfig(dim=64, n_layers=1, n_heads=4, hidden_dim=256, image_size=112, projector_input_dim=128,
+                          projector_output_dim=128, vision_output_dim=128)
+    torch.manual_seed(0)
+    model = Transformer(small_config(vocab_size=tok.vocab_size, dim=64, vision=vision,
+                                     image_token_id=tok.token_id("<|patch|>"))).eval()
+    fmt = ChatFormat(tok, patches_per_tile=vision.tokens_per_tile)
+    image_config = ImageConfig(tile_size=vision.image_size)
+    chat = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": [{"type": "image", "path": "red.png"}, {"type": "text", "text": "Weather?"}]},
+            {"role": "assistant", "content": "",
+             "tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]},
+            {"role": "tool", "content": '{"temp": 3}'},
+            {"role": "assistant", "content": "3 degrees."}]
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": chat}) + "\n" +
+                    json.dumps({"prompt": [{"role": "user", "content": "Hi"}],
+                                "completion": [{"role": "assistant", "content": "Hello."}]}) + "\n")
+    a, b = load_examples(path, fmt, image_config=image_config)
+    assert len(a.images) == 1 and not b.images
+    (row,) = pack([a, b], seq_len=len(a.ids) + len(b.ids) + 3)
+    batch = collate([row], image_config)
+    with torch.no_grad():
+        logits = model(batch["tokens"], positions=batch["positions"], doc_ids=batch["doc_ids"],
+                       pixel_values=batch["pixel_values"])
+        loss, _ = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        terms = []
+        absolute = [{**m, "content": [{**p, "path": str(tmp_path / p["path"])} if "path" in p else p
+                                      for p in m["content"]]} if isinstance(m["content"], list) else m for m in chat]
+        for messages, ex in ((absolute, a), ([{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": "Hello."}], b)):
+            ids, images = fmt.encode_dialog_with_images(messages, add_generation_prompt=False,
+                                                        image_config=image_config)
+            assert ids == ex.ids
+            pixels = torch.cat([im.pixel_values for im in images]) if images else None
+            logp = model(torch.tensor([ids]), pixel_values=pixels)[0].float().log_softmax(-1)
+            def encode(m, add_generation_prompt):
+                return fmt.encode_dialog_with_images(m, add_generation_prompt, image_config=image_config)[0]
+
+            trained = [t for span in _assistant_spans(encode, messages) for t in span]
+            assert trained == [t for t, m in enumerate(ex.loss_mask) if m]
+            terms += [-logp[t - 1, ids[t]] for t in trained]
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-4)
+
+
+def test_training_layout_is_transformers_chat_template(fmt):
+    """A whole multi-turn conversation with an image as training lays it out, decoded, is the text transformers'
+    Llama 4 chat template renders for it. (Tool-call turns follow llama-models' ChatFormat, which test_chat checks
+    id for id: transformers' template wraps a call in <|python_start|>...<|python_end|> and ends it with <|eot|>,
+    where Meta's format writes bare JSON and <|eom|>; the two references disagree there and herd follows Meta's.)"""
+    from transformers.models.llama4.processing_llama4 import chat_template
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+                {"role": "assistant", "content": "Red."},
+                {"role": "user", "content": "And the shape?"},
+                {"role": "assistant", "content": [{"type": "text", "text": "A square."}]}]
+    ref = render_jinja_template([messages], chat_template=chat_template, bos_token="<|begin_of_text|>",
+                                add_generation_prompt=False)
+    while not isinstance(ref, str):
+        ref = ref[0]
+    ours = [{**m, "content": [{"type": "image", "tiles": (1, 1)} if p["type"] == "image" else p
+                              for p in m["content"]]} if isinstance(m["content"], list) else m for m in messages]
+    text = fmt.tokenizer.decode(encode_conversation(fmt, ours).ids)
+    # transformers' template writes one image as "<|image|>" for the processor to expand; herd expands it itself
+    patches = "<|image_start|><|image|>" + "<|patch|>" * 144 + "<|image_end|>"
+    assert text == ref.replace("<|image|>", patches)

@@ -109,6 +109,7 @@ class RunConfig:
     train: TrainSpec = field(default_factory=TrainSpec)
     metap: MetaPSpec = field(default_factory=MetaPSpec)
     base_dir: str = "."  # where relative paths start (the recipe's folder)
+    min_steps: typing.ClassVar[int] = 1  # a subclass may take 0 to mean "decided by the data" (post-training)
 
     def path(self, p: str | None) -> Path | None:
         return None if p is None else (Path(self.base_dir) / p).expanduser()
@@ -129,13 +130,10 @@ class RunConfig:
         if self.train.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"train.dtype={self.train.dtype!r}: choose fp32 or bf16")
         for name in ("steps", "grad_accum", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "ep"):
-            if getattr(self.train, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self.train, name)}")
-        if not self.data.sources:
-            raise ConfigError("no [[data.sources]]: give at least one source with files or shards")
-        for i, s in enumerate(self.data.sources + ([self.data.eval] if self.data.eval else [])):
-            if bool(s.files) == bool(s.shards):
-                raise ConfigError(f"data source {i}: give either files or shards")
+            if getattr(self.train, name) < (self.min_steps if name == "steps" else 1):
+                raise ConfigError(f"train.{name} must be >= {self.min_steps if name == 'steps' else 1}, "
+                                  f"got {getattr(self.train, name)}")
+        self.check_data()
         try:
             self.metap.check()
         except ValueError as e:
@@ -143,6 +141,13 @@ class RunConfig:
         bad = set(self.model.overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
         if bad:
             raise ConfigError(f"[model] has unknown keys {sorted(bad)} (ModelConfig fields or preset/init_from)")
+
+    def check_data(self) -> None:
+        if not self.data.sources:
+            raise ConfigError("no [[data.sources]]: give at least one source with files or shards")
+        for i, s in enumerate(self.data.sources + ([self.data.eval] if self.data.eval else [])):
+            if bool(s.files) == bool(s.shards):
+                raise ConfigError(f"data source {i}: give either files or shards")
 
 
 def _drop_none(d: Any) -> Any:
@@ -231,37 +236,43 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = (), base_dir: str | Path | None = None
-                    ) -> RunConfig:
-    raw: dict = {}
+def load_run_config(path: str | Path | None, overrides: list[str] = (), base_dir: str | Path | None = None,
+                    cls: type[RunConfig] = RunConfig, defaults: dict | None = None) -> RunConfig:
+    """A recipe file (or none) + ``--section.key VALUE`` overrides on top of ``defaults`` (a raw recipe)."""
+    raw: dict = _merge({}, defaults or {})
     if path is not None:
         path = Path(path)
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = _merge(raw, tomllib.loads(path.read_text()))
         except OSError as e:
             raise ConfigError(f"cannot read recipe {path}: {e}") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML: {e}") from e
         base_dir = path.parent if base_dir is None else base_dir
-    return from_dict(apply_overrides(raw, list(overrides)), base_dir or ".")
+    return from_dict(apply_overrides(raw, list(overrides)), base_dir or ".", cls)
 
 
-def from_dict(raw: dict, base_dir: str | Path = ".") -> RunConfig:
+def _merge(base: dict, top: dict) -> dict:
+    """``top``'s keys over ``base``'s, table by table (copies; neither input changes)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def from_dict(raw: dict, base_dir: str | Path = ".", cls: type[RunConfig] = RunConfig) -> RunConfig:
+    """A run config of class ``cls`` (RunConfig, or a subclass with sections of its own, such as post-training's
+    [lora]) from a recipe's tables."""
     raw = dict(raw)
     model = dict(raw.pop("model", {}))
     spec = ModelSpec(preset=model.pop("preset", "tiny"), init_from=model.pop("init_from", None), overrides=model)
-    unknown = set(raw) - {"tokenizer", "data", "optim", "train", "metap"}
+    hints = typing.get_type_hints(cls)
+    sections = [f.name for f in dataclasses.fields(cls) if f.name not in ("model", "base_dir")]
+    unknown = set(raw) - set(sections)
     if unknown:
-        raise ConfigError(f"unknown sections {sorted(unknown)}; known: model, tokenizer, data, optim, train, metap")
-    cfg = RunConfig(
-        model=spec,
-        tokenizer=_build(TokenizerSpec, raw.get("tokenizer", {}), "tokenizer"),
-        data=_build(DataSpec, raw.get("data", {}), "data"),
-        optim=_build(OptimSpec, raw.get("optim", {}), "optim"),
-        train=_build(TrainSpec, raw.get("train", {}), "train"),
-        metap=_build(MetaPSpec, raw.get("metap", {}), "metap"),
-        base_dir=str(base_dir),
-    )
+        raise ConfigError(f"unknown sections {sorted(unknown)}; known: model, {', '.join(sections)}")
+    cfg = cls(model=spec, base_dir=str(base_dir),
+              **{name: _build(hints[name], raw.get(name, {}), name) for name in sections})
     cfg.check()
     return cfg
 

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(root: str | Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
          trainer_state: dict[str, Any], tokenizer_dir: Path | None = None, keep: int | None = None,
-         world: World = World()) -> Path:
+         world: World = World(), plain: Callable[[dict], dict] | None = None) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically; then keep only the newest ``keep``. Every rank calls
-    it (the shards and the full-model gather are collective); rank 0 writes the rest and renames."""
+    it (the shards and the full-model gather are collective); rank 0 writes the rest and renames. ``plain``
+    turns the full state dict into a plain Transformer's for ``model/`` (a LoRA model's adapters folded in)."""
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".{final.name}.tmp"  # the same name on every rank
@@ -87,7 +89,7 @@ def save(root: str | Path, step: int, model: Transformer, optimizer: torch.optim
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / STATE_DIR)
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if world.main:
-            checkpoint.save(_plain_model(model.cfg, full), tmp / MODEL_DIR)
+            checkpoint.save(_plain_model(model.cfg, plain(full) if plain else full), tmp / MODEL_DIR)
             if tokenizer_dir is not None:
                 for f in tokenizer_dir.iterdir():
                     if f.is_file() and f.name.startswith("tokenizer"):

@@ -32,6 +32,7 @@ import math
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +109,7 @@ class Trainer:
                 self.model_cfg = load_config(ckpt / run_state.MODEL_DIR)
             else:
                 self.model_cfg = self.model_config()
-            self.loader = self._loader(cfg.data.sources, cfg.data.seed, "source")
-            self.eval_sources = None
-            if cfg.data.eval is not None:
-                self.eval_sources = [(self._shards(cfg.data.eval, "eval"), 1.0)]
+            self._data()
         torch.manual_seed(t.seed)
         self.model = self._model(ckpt)
         if cfg.metap.enabled and ckpt is None and not cfg.model.init_from:
@@ -196,6 +194,14 @@ class Trainer:
                               + (f" of at least min_tokens={spec.min_tokens} tokens" if spec.min_tokens else ""))
         return shards
 
+    def _data(self) -> None:
+        """The training loader (``self.loader``: next_batch, state_dict, load_state_dict) and what evaluation
+        reads (``self.eval_sources``, None for none)."""
+        self.loader = self._loader(self.cfg.data.sources, self.cfg.data.seed, "source")
+        self.eval_sources = None
+        if self.cfg.data.eval is not None:
+            self.eval_sources = [(self._shards(self.cfg.data.eval, "eval"), 1.0)]
+
     def _loader(self, specs: list[SourceSpec], seed: int, name: str) -> PackedLoader:
         sources = [(self._shards(s, f"{name}{i}"), s.weight) for i, s in enumerate(specs)]
         return PackedLoader(sources, self.cfg.data.seq_len, self.cfg.data.batch_size, seed=seed)
@@ -230,7 +236,8 @@ class Trainer:
         new = base.replace(**changes)
         if new.vocab_size < tok.vocab_size:
             raise ConfigError(f"model.vocab_size={new.vocab_size} is smaller than the tokenizer's "
-                              f"{tok.vocab_size} ids")
+                              f"{tok.vocab_size} ids (its special tokens, the chat tokens among them, start at id "
+                              f"{tok.bos_id})")
         if self.cfg.data.seq_len > new.max_seq_len:
             raise ConfigError(f"data.seq_len={self.cfg.data.seq_len} exceeds the model's max_seq_len "
                               f"({new.max_seq_len}; set model.max_seq_len)")
@@ -319,29 +326,36 @@ class Trainer:
     def evaluate(self) -> float | None:
         if self.eval_sources is None:
             return None
-        loader = PackedLoader(self.eval_sources, self.cfg.data.seq_len, self.cfg.data.batch_size,
-                              seed=self.cfg.data.seed)
         self.model.eval()
         total, n = 0.0, 0
-        # at most one pass over the eval windows: more batches would count windows twice
-        for _ in range(min(self.cfg.train.eval_batches, max(1, loader.sources[0].n // loader.batch_size))):
-            batch = loader.next_batch()
+        for batch in self._eval_batches():
             n_tokens = float(batch["loss_mask"].sum())
             batch = rank_rows(batch, self.world.rank, self.world.size)
             with self._autocast():
                 logits = self.model(batch["tokens"], positions=batch["positions"], doc_ids=batch["doc_ids"],
                                     pixel_values=batch.get("pixel_values"))
             _, parts = cross_entropy(logits, batch["targets"], batch["loss_mask"], n_tokens=n_tokens)
-            total, n = total + float(self.world.sum_(parts["ce"].clone())), n + 1
+            total, n = total + float(self.world.sum_(parts["ce"].clone())) * n_tokens, n + n_tokens
         self.model.train()
-        return total / max(n, 1)
+        return total / max(n, 1.0)  # the mean over tokens, not over batches
+
+    def _eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        loader = PackedLoader(self.eval_sources, self.cfg.data.seq_len, self.cfg.data.batch_size,
+                              seed=self.cfg.data.seed)
+        # at most one pass over the eval windows: more batches would count windows twice
+        for _ in range(min(self.cfg.train.eval_batches, max(1, loader.sources[0].n // loader.batch_size))):
+            yield loader.next_batch()
+
+    def _plain_state(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The full state dict as a plain Transformer's (what a checkpoint's model/ holds)."""
+        return full
 
     def save(self, metrics: dict[str, Any] | None = None) -> Path:
         state = {"loader": self.loader.state_dict(), "config": self.cfg.to_dict(), "metrics": metrics or {},
                  "train_time_s": self.train_time}
         return run_state.save(self.ckpt_root, self.step, self.model, self.optimizer, state,
-                                  tokenizer_dir=self.tokenizer_dir, keep=self.cfg.train.keep_checkpoints,
-                                  world=self.world)
+                              tokenizer_dir=self.tokenizer_dir, keep=self.cfg.train.keep_checkpoints,
+                              world=self.world, plain=self._plain_state)
 
     # -- the run -----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
