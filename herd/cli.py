@@ -183,29 +183,43 @@ def cmd_train(args: argparse.Namespace) -> None:
                           if not k.startswith("moe/layer")}))
 
 
-def cmd_sft(args: argparse.Namespace) -> None:
-    from herd.post.sft import sft_config
+def _post_train(args: argparse.Namespace, method: str) -> None:
+    """herd sft / herd dpo: the run config (flags over recipe over defaults), torchrun when asked, the run."""
+    from herd.post.dpo import DPOTrainer, dpo_config
+    from herd.post.sft import SFTTrainer, run, sft_config
 
     overrides = list(args.overrides)
+    if getattr(args, "keep", None) is not None:
+        overrides += ["--sft.keep", repr(args.keep)]
     if args.eval:
-        overrides += ["--sft.eval", json.dumps([str(p.resolve()) for p in args.eval])]
+        overrides += [f"--{method}.eval", json.dumps([str(p.resolve()) for p in args.eval])]
     if args.eval_fraction is not None:
-        overrides += ["--sft.eval_fraction", repr(args.eval_fraction)]
-    cfg = sft_config(args.model_dir, args.data, args.out, recipe=args.config, overrides=overrides, steps=args.steps,
-                     lr=args.lr, batch_size=args.batch_size, lora=args.lora)
+        overrides += [f"--{method}.eval_fraction", repr(args.eval_fraction)]
+    kw = dict(recipe=args.config, overrides=overrides, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+              lora=args.lora)
+    cfg = (dpo_config(args.model_dir, args.data, args.out, beta=args.beta, **kw) if method == "dpo" else
+           sft_config(args.model_dir, args.data, args.out, **kw))
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         _torchrun(args.argv, args.nproc, cfg.train.threads)
-    from herd.post.sft import sft
-
-    result = sft(cfg, resume=args.resume, progress=not (args.no_progress or args.json))
+    trainer = (DPOTrainer if method == "dpo" else SFTTrainer)(cfg, resume=args.resume,
+                                                             progress=not (args.no_progress or args.json))
+    result = run(trainer)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if args.json:
         print(json.dumps(result))
-    else:
-        loss = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        print(f"sft: {result['steps']} steps on {result['examples']} examples; train loss {loss(result['train_loss'])}"
-              f", eval loss {loss(result['eval_loss'])} -> {result['out']}")
+        return
+    shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in result.items()
+                      if isinstance(v, float) and k not in ("out",))
+    print(f"{method}: {result['steps']} steps on {result['examples']} examples; {shown} -> {result['out']}")
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    _post_train(args, "sft")
+
+
+def cmd_dpo(args: argparse.Namespace) -> None:
+    _post_train(args, "dpo")
 
 
 def _torchrun(argv: list[str], nproc: int, threads: int | None) -> None:
@@ -278,6 +292,48 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
     print(json.dumps(report) if args.json else render(report))
 
 
+def cmd_pairs(args: argparse.Namespace) -> None:
+    from herd.eval.tasks import engine_completer
+    from herd.infer.sampling import SamplingParams
+    from herd.post.pairs import judge_scorer, make_pairs, write_pairs
+    from herd.post.tasks import get_task, split_specs
+
+    tasks = {spec: get_task(spec) for spec in split_specs(args.tasks)}  # bad specs fail before the model loads
+    if args.temperature <= 0:
+        raise HerdError("--temperature must be > 0: greedy answers are all the same, and a pair needs two")
+    llm = _load(args)
+    scorer = None
+    if args.judge is not None:
+        from herd.api import load
+        from herd.post.judge import endpoint_judge, herd_judge
+
+        url = str(args.judge).startswith(("http://", "https://"))
+        scorer = judge_scorer(endpoint_judge(str(args.judge), args.judge_model, args.judge_api_key) if url else
+                              herd_judge(load(args.judge, dtype=args.dtype, device=args.device)))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    records, counts = make_pairs(engine_completer(llm, params), tasks, args.n, args.samples, args.difficulty,
+                                 args.seed, args.batch, args.min_margin, scorer, progress=not args.no_progress)
+    out = write_pairs(records, args.out)
+    counts["out"] = str(out)
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        print(f"pairs: {counts['pairs']} of {counts['items']} items ({counts['no_preference']} without a preference: "
+              f"all answers scored alike) -> {out}")
+
+
+def cmd_filter(args: argparse.Namespace) -> None:
+    from herd.post.filter import FilterSpec, filter_files, render
+
+    spec = FilterSpec(keep=args.keep, scorer=args.scorer or ("judge" if args.judge else "auto"), judge=args.judge,
+                      judge_model=args.judge_model, rubric=args.rubric and str(args.rubric), samples=args.samples,
+                      temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    report = filter_files(args.model_dir, args.data, args.out, spec, dtype=args.dtype, device=args.device,
+                          api_key=args.judge_api_key, progress=not (args.no_progress or args.json))
+    print(json.dumps(report) if args.json else render(report))
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from herd.train.export import export
 
@@ -305,6 +361,28 @@ def _add_sampling_args(s: argparse.ArgumentParser, max_new_tokens: int) -> None:
     s.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's: per time a token was generated")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _add_post_args(s: argparse.ArgumentParser, method: str, data_help: str, lr: str, batch_help: str) -> None:
+    s.add_argument("model_dir", type=Path, help="the model to fine-tune (an HF model directory)")
+    s.add_argument("data", nargs="+", type=Path, help=data_help)
+    s.add_argument("--out", type=Path, required=True,
+                   help="the run directory, and at the end the fine-tuned HF model directory (+ adapter/ with --lora)")
+    s.add_argument("--steps", type=int, help=f"optimizer steps (default: --{method}.epochs passes over the data, 1)")
+    s.add_argument("--lr", type=float, help=f"peak learning rate (default {lr} with --lora)")
+    s.add_argument("--batch-size", type=int, help=batch_help)
+    s.add_argument("--lora", type=int, metavar="RANK",
+                   help="train LoRA adapters of this rank on attention and expert weights, not the full model")
+    s.add_argument("--eval", type=Path, nargs="+", help="held-out files for the eval metrics")
+    s.add_argument("--eval-fraction", type=float, help="hold out this share of the data instead")
+    s.add_argument("--config", type=Path, help="a recipe (TOML) with the run's settings")
+    s.add_argument("--json", action="store_true",
+                   help="print one JSON object at the end: out, steps, examples, train_loss, eval_loss"
+                        + (", reward_accuracy, reward_margin, eval_reward_accuracy, eval_reward_margin"
+                           if method == "dpo" else ""))
+    s.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint in --out")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--nproc", type=int, default=1, help="processes on this host (torchrun): FSDP2 (+ --train.ep N)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -423,25 +501,54 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sft", help="supervised fine-tuning (full or LoRA) on chats in TRL's formats; --section.key "
                        "VALUE overrides the recipe", epilog="example: herd sft models/herd-pico chats.jsonl --out "
                        "runs/pico-sft --lora 16 --steps 200  (recipe sections: model, data, optim, train, sft, lora)")
-    s.add_argument("model_dir", type=Path, help="the model to fine-tune (an HF model directory)")
-    s.add_argument("data", nargs="+", type=Path,
-                   help="JSONL / Parquet files: {messages}, {prompt, completion} (strings or message lists)")
-    s.add_argument("--out", type=Path, required=True,
-                   help="the run directory, and at the end the fine-tuned HF model directory (+ adapter/ with --lora)")
-    s.add_argument("--steps", type=int, help="optimizer steps (default: --sft.epochs passes over the data, 1)")
-    s.add_argument("--lr", type=float, help="peak learning rate (default 2e-5; 2e-4 with --lora)")
-    s.add_argument("--batch-size", type=int, help="packed rows per step (default 8; rows of --data.seq_len tokens)")
-    s.add_argument("--lora", type=int, metavar="RANK",
-                   help="train LoRA adapters of this rank on attention and expert weights, not the full model")
-    s.add_argument("--eval", type=Path, nargs="+", help="held-out files for eval_loss")
-    s.add_argument("--eval-fraction", type=float, help="hold out this share of the data for eval_loss instead")
-    s.add_argument("--config", type=Path, help="a recipe (TOML) with the run's settings")
-    s.add_argument("--json", action="store_true",
-                   help="print one JSON object at the end: out, steps, examples, train_loss, eval_loss")
-    s.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint in --out")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.add_argument("--nproc", type=int, default=1, help="processes on this host (torchrun): FSDP2 (+ --train.ep N)")
+    _add_post_args(s, "sft", "JSONL / Parquet files: {messages}, {prompt, completion} (strings or message lists)",
+                   "2e-5; 2e-4", "packed rows per step (default 8; rows of --data.seq_len tokens)")
+    s.add_argument("--keep", type=float, metavar="FRACTION",
+                   help="train on this hardest fraction of the records only, rated by the model (herd filter's "
+                        "auto scorer; --sft.scorer, --sft.judge, --sft.judge_model), report in OUT/filter")
     s.set_defaults(func=cmd_sft, overrides=[])
+
+    s = sub.add_parser("filter", help="remove easy data: rate each SFT record's difficulty and keep the hardest "
+                                      "fraction (kept.jsonl, removed.jsonl, scores.jsonl, report.json, difficulty.png)",
+                       description="Scorers: passk (1 - the mean grade of the model's own samples; records with an "
+                                   "\"answer\" (+ \"matcher\": normalised|exact|numeric|regex) or a built-in "
+                                   "\"task\" + \"meta\"), loss (rank of the reference answer's mean token loss), "
+                                   "judge (a 1-10 rating on a rubric by a herd model or an OpenAI-compatible "
+                                   "endpoint), auto (passk where a record is checkable, loss elsewhere). See "
+                                   "herd/post/filter.py.",
+                       epilog="example: herd filter MODEL chats.jsonl --out runs/hard --keep 0.5;  herd filter MODEL "
+                              "chats.jsonl --out runs/hard --keep 0.05 --judge http://localhost:8000/v1")
+    s.add_argument("model_dir", type=Path, help="the model that rates (the one to fine-tune), an HF model directory")
+    s.add_argument("data", nargs="+", type=Path, help="JSONL / Parquet files of SFT records in TRL's formats")
+    s.add_argument("--out", type=Path, required=True, help="the output directory")
+    s.add_argument("--keep", type=float, required=True, metavar="FRACTION", help="the hardest fraction kept, (0, 1]")
+    s.add_argument("--scorer", choices=["auto", "passk", "loss", "judge"],
+                   help="default: judge with --judge, else auto")
+    s.add_argument("--judge", metavar="MODEL_DIR|URL",
+                   help="the judge: a herd model directory or an OpenAI-compatible http(s)://HOST/v1 endpoint "
+                        "(--scorer judge without it: MODEL_DIR judges)")
+    s.add_argument("--judge-model", metavar="NAME", help="the endpoint's model (default: the first of its /models)")
+    s.add_argument("--judge-api-key", metavar="KEY", help="the endpoint's key (default: $OPENAI_API_KEY)")
+    s.add_argument("--rubric", type=Path, metavar="FILE",
+                   help="the judge's prompt, with {conversation} where the record goes (default: how hard, 1-10)")
+    s.add_argument("--samples", type=int, default=4, help="passk: samples per record, K (default 4)")
+    s.add_argument("--temperature", type=float, default=1.0, help="passk: sampling temperature (default 1.0)")
+    s.add_argument("--max-new-tokens", type=int, default=256, help="passk: tokens per sample (default 256)")
+    s.add_argument("--seed", type=int, default=0, help="the sampling and the order of equal difficulties")
+    s.add_argument("--dtype", default=None, help="bf16 | fp32 (default: as stored)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true", help="print report.json's object")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_filter)
+
+    s = sub.add_parser("dpo", help="direct preference optimisation (sigmoid DPO, optional RPO NLL term) on pairs in "
+                       "TRL's preference format", epilog="example: herd dpo runs/pico-sft pairs.jsonl --out "
+                       "runs/pico-dpo --beta 0.1 --lora 16  (recipe sections: model, data, optim, train, dpo, lora; "
+                       "--dpo.rpo_alpha 1.0 adds the chosen NLL)")
+    _add_post_args(s, "dpo", "JSONL / Parquet files: {prompt, chosen, rejected} (strings or message lists)",
+                   "1e-6; 1e-5", "pairs per step (default 8)")
+    s.add_argument("--beta", type=float, help="DPO's beta: how far the model may move from the reference (0.1)")
+    s.set_defaults(func=cmd_dpo, overrides=[])
 
     s = sub.add_parser("eval", help="evaluations (niah: needle in a haystack; tasks: pass@k on verifiable tasks)")
     evals = s.add_subparsers(dest="eval", required=True)
@@ -486,6 +593,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_eval_tasks)
 
+    s = sub.add_parser("pairs", help="on-policy preference pairs for herd dpo: sample the model on task items, score "
+                       "the answers (the task's verifier or a judge), write best vs worst",
+                       epilog="example: herd pairs runs/pico-sft --tasks arithmetic,instruction --n 200 --samples 4 "
+                              "--out pairs.jsonl")
+    _add_model_args(s)
+    s.add_argument("--tasks", required=True, metavar="SPEC[,SPEC]",
+                   help="task names or JSONL files (as herd eval tasks takes them), comma-separated")
+    s.add_argument("--out", type=Path, required=True, help="the pairs file (JSONL, TRL's preference format)")
+    s.add_argument("--n", type=int, default=100, help="items per task (default 100)")
+    s.add_argument("--samples", type=int, default=4, help="answers per item (default 4)")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--difficulty", type=int, default=None, help="one level only (default: cycle through the levels)")
+    s.add_argument("--min-margin", type=float, default=1e-6,
+                   help="the least score difference between chosen and rejected (default: any)")
+    s.add_argument("--judge", help="score with a judge instead of the tasks' verifiers: a herd model directory or "
+                                   "an OpenAI-compatible endpoint URL (http://HOST/v1)")
+    s.add_argument("--judge-model", help="the endpoint's model name (default: the first it lists)")
+    s.add_argument("--judge-api-key", help="the endpoint's API key (default: $OPENAI_API_KEY)")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--batch", type=int, default=32, help="sequences generated together (default 32)")
+    s.add_argument("--seed", type=int, default=0, help="the items and the sampling")
+    s.add_argument("--json", action="store_true", help="print the counts as one JSON object")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_pairs)
+
     s = sub.add_parser("export", help="write a training checkpoint as an HF model directory (generate, transformers)")
     s.add_argument("checkpoint", type=Path, help="a checkpoint (step_*), or a run directory (its latest checkpoint)")
     s.add_argument("out", type=Path)
@@ -497,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "sft"):
+    if extra and args.command not in ("train", "sft", "dpo"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = extra  # --section.key VALUE pairs for the recipe

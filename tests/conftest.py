@@ -1,9 +1,16 @@
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
+from herd import checkpoint
 from herd.checkpoint import hf_to_herd, transposed_in_hf
 from herd.config import ModelConfig, RopeScaling, preset, to_hf_dict
 from herd.model import Transformer
+from herd.tokenizer import Tokenizer
+
+PICO = Path(__file__).resolve().parents[1] / "models" / "herd-pico"
 
 torch.set_num_threads(min(4, torch.get_num_threads()))
 
@@ -62,6 +69,21 @@ def herd_from_hf(hf_model, cfg: ModelConfig) -> Transformer:
     state = {k: v.transpose(1, 2) if transposed_in_hf(model, k) else v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     return model
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory) -> Path:
+    """A tiny random model directory with herd-pico's tokenizer (6144 ids: its BPE and the Llama 4 chat tokens),
+    shared by the post-training tests of a session (do not change it)."""
+    d = tmp_path_factory.mktemp("post") / "base"
+    tok = Tokenizer.load(PICO / "tokenizer.model")
+    cfg = preset("tiny").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                 eos_token_id=(tok.eos_id, tok.eom_id, tok.eot_id), pad_token_id=tok.pad_id)
+    torch.manual_seed(0)
+    checkpoint.save(Transformer(cfg), d)
+    for f in PICO.glob("tokenizer*"):
+        shutil.copy(f, d / f.name)
+    return d
 
 
 @pytest.fixture

@@ -161,3 +161,31 @@ def test_train_two_ranks_with_torchao_fp8(tmp_path):
     expected, got = _run_losses(tmp_path / "one"), _run_losses(tmp_path / "two")
     assert sorted(got) == [1, 2, 3]
     assert [got[s] for s in got] == pytest.approx([expected[s] for s in got], rel=2e-3)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_post_training_two_ranks_equals_one_process(base, tmp_path, method):
+    """herd sft (full, FSDP2 + expert parallelism) and herd dpo (LoRA under FSDP2) on two ranks give the
+    single-process losses; the adapter is gathered and exported."""
+    data = tmp_path / "data.jsonl"
+    words = "apple bread candle dragon eagle forest garden harbor".split()
+    if method == "sft":
+        records = [{"messages": [{"role": "user", "content": f"After {w}?"}, {"role": "assistant", "content": v}]}
+                   for w, v in zip(words, words[1:] + words[:1])]
+    else:
+        records = [{"prompt": f"About {w}?", "chosen": f" I think {w} is fine.", "rejected": f" {w}."} for w in words]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = [method, str(base), str(data), "--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--data.seq_len",
+              "64", "--optim.schedule", "constant", "--train.log_every", "1", "--train.tensorboard", "false",
+              "--no-progress", *([] if method == "sft" else ["--lora", "4"])]
+    ep = ["--train.ep", "2"] if method == "sft" else []
+    subprocess.run([sys.executable, "-m", "herd.cli", *common, *ep, "--out", str(tmp_path / "two"), "--nproc", "2",
+                    "--train.threads", "1"], check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    subprocess.run([sys.executable, "-m", "herd.cli", *common, "--out", str(tmp_path / "one")], check=True,
+                   env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    one, two = _run_losses(tmp_path / "one"), _run_losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3] and [two[s] for s in two] == pytest.approx([one[s] for s in two], rel=1e-4)
+    assert (tmp_path / "two" / "config.json").is_file()
+    if method == "dpo":
+        assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()

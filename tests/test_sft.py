@@ -21,20 +21,6 @@ WORDS = "apple bread candle dragon eagle forest garden harbor island jungle kett
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A tiny random model with herd-pico's tokenizer (6144 ids: its BPE and the Llama 4 chat tokens)."""
-    d = tmp_path_factory.mktemp("sft") / "base"
-    tok = Tokenizer.load(PICO / "tokenizer.model")
-    cfg = preset("tiny").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                                 eos_token_id=(tok.eos_id, tok.eom_id, tok.eot_id), pad_token_id=tok.pad_id)
-    torch.manual_seed(0)
-    checkpoint.save(Transformer(cfg), d)
-    for f in PICO.glob("tokenizer*"):
-        shutil.copy(f, d / f.name)
-    return d
-
-
-@pytest.fixture(scope="module")
 def chats(base) -> Path:
     path = base.parent / "next.jsonl"
     path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What comes after {w}?"},

@@ -261,46 +261,65 @@ def collate(rows: list[dict[str, Any]], image_config: ImageConfig | None = None)
     return batch
 
 
-class SFTLoader:
-    """Endless, deterministic, resumable batches of packed SFT rows: the examples are packed once, then the rows
-    are served in a fresh seeded order each epoch (the PackedLoader interface: next_batch, state_dict)."""
+class EpochLoader:
+    """Endless, deterministic, resumable batches of ``n`` items (rows, pairs) served in a fresh seeded order each
+    epoch, with the PackedLoader interface (next_batch, state_dict, load_state_dict). A subclass makes a batch
+    of the items at some indices (``batch``)."""
+
+    def __init__(self, n: int, seq_len: int, batch_size: int, seed: int = 0):
+        self.n, self.seq_len, self.batch_size, self.seed = n, seq_len, batch_size, seed
+        self.step, self.epoch, self.cursor = 0, 0, 0
+        self._order = (0, np.random.default_rng([seed, 0]).permutation(n))
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        picked = []
+        for _ in range(self.batch_size):
+            if self.cursor == self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+            if self._order[0] != self.epoch:
+                self._order = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(self.n))
+            picked.append(int(self._order[1][self.cursor]))
+            self.cursor += 1
+        self.step += 1
+        return self.batch(picked)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Every item once, in order, the last batch short (evaluation)."""
+        for i in range(0, self.n, self.batch_size):
+            yield self.batch(list(range(i, min(i + self.batch_size, self.n))))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "items": self.n, "step": self.step, "epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "seq_len", "batch_size", "items"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"loader state has {key}={state.get(key)}, this loader {mine[key]} (the data or "
+                                 f"its packing changed since the checkpoint)")
+        self.step, self.epoch, self.cursor = int(state["step"]), int(state["epoch"]), int(state["cursor"])
+
+
+class SFTLoader(EpochLoader):
+    """Packed SFT rows: the examples are packed once (best fit), then the rows are served by EpochLoader."""
 
     def __init__(self, examples: list[Example], seq_len: int, batch_size: int, seed: int = 0,
                  image_config: ImageConfig | None = None):
         self.rows = pack(examples, seq_len)
         if not self.rows:
             raise RecordError("no example left to train on")
-        self.seq_len, self.batch_size, self.seed, self.image_config = seq_len, batch_size, seed, image_config
+        super().__init__(len(self.rows), seq_len, batch_size, seed)
+        self.image_config = image_config
         self.examples = len(examples)
         self.tokens = sum(int((r["labels"] != IGNORE).sum()) for r in self.rows)  # trained tokens per epoch
-        self.step, self.epoch, self.cursor = 0, 0, 0
-        self._order = (0, np.random.default_rng([seed, 0]).permutation(len(self.rows)))
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        picked = []
-        for _ in range(self.batch_size):
-            if self.cursor == len(self.rows):
-                self.epoch, self.cursor = self.epoch + 1, 0
-            if self._order[0] != self.epoch:
-                self._order = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows)))
-            picked.append(self.rows[int(self._order[1][self.cursor])])
-            self.cursor += 1
-        self.step += 1
-        return collate(picked, self.image_config)
-
-    def epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """One pass over every row in packing order, the last batch short (evaluation)."""
-        for i in range(0, len(self.rows), self.batch_size):
-            yield collate(self.rows[i:i + self.batch_size], self.image_config)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "rows": len(self.rows), "step": self.step, "epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        for key in ("seed", "seq_len", "batch_size", "rows"):
-            if state.get(key) != mine[key]:
-                raise ValueError(f"loader state has {key}={state.get(key)}, this loader {mine[key]} (the data or "
-                                 f"its packing changed since the checkpoint)")
-        self.step, self.epoch, self.cursor = int(state["step"]), int(state["epoch"]), int(state["cursor"])
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return collate([self.rows[i] for i in indices], self.image_config)

@@ -6,7 +6,8 @@ gets everything the trainer does (bf16 autocast, activation checkpointing, FSDP2
 resume, Ctrl-C saves, metrics.jsonl / TensorBoard, a progress bar) and the same recipe format, with two sections
 of its own:
 
-    [sft]    data files, eval files or a held-out fraction, epochs (when train.steps is 0), the saved dtype
+    [sft]    data files, eval files or a held-out fraction, epochs (when train.steps is 0), the saved dtype;
+             keep (--keep): train on the hardest fraction of the data only (herd.post.filter, into OUT_DIR/filter)
     [lora]   rank (0 = full fine-tuning), alpha, targets (herd.post.lora)
 
 OUT_DIR is the run directory (run.toml, checkpoints/, metrics.jsonl) and, when the run ends, an HF model
@@ -24,7 +25,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -42,12 +43,22 @@ from herd.train.trainer import Trainer
 
 
 @dataclass
-class SFTSpec:
+class PostSpec:
+    """What every post-training method's section ([sft], [dpo]) holds."""
+
     data: list[str] = field(default_factory=list)  # JSONL / Parquet files in TRL's formats
     eval: list[str] = field(default_factory=list)  # held-out files; none: eval_fraction of data
     eval_fraction: float = 0.0  # share of the examples held out for eval_loss (seeded), when no eval files
     epochs: float = 1.0  # passes over the packed rows when train.steps is 0
     dtype: str = "auto"  # the saved model's dtype: "auto" (the base model's), "bf16", "fp32", ...
+
+
+@dataclass
+class SFTSpec(PostSpec):
+    keep: float | None = None  # train on this hardest fraction of the data (herd.post.filter); None: on all of it
+    scorer: str = "auto"  # how keep rates difficulty: auto | passk | loss | judge
+    judge: str | None = None  # scorer judge: a herd model dir or an OpenAI-compatible URL (None: the model itself)
+    judge_model: str | None = None  # the judge endpoint's model name (None: the first it lists)
 
 
 @dataclass
@@ -59,18 +70,33 @@ class LoRASpec:
 
 
 @dataclass
-class SFTRunConfig(RunConfig):
-    sft: SFTSpec = field(default_factory=SFTSpec)
+class PostRunConfig(RunConfig):
+    """A post-training run: the trainer's sections, [lora], and the section of the method (``section``) holding
+    its data files and settings."""
+
     lora: LoRASpec = field(default_factory=LoRASpec)
-    min_steps = 0  # 0: sft.epochs decide
+    min_steps = 0  # 0: the epochs decide
+    section: ClassVar[str] = "sft"
+    default_lr: ClassVar[tuple[float, float]] = (2e-5, 2e-4)  # (full, LoRA): TRL's SFT defaults
+
+    @property
+    def post(self) -> PostSpec:
+        return getattr(self, self.section)
 
     def check_data(self) -> None:
-        if not self.sft.data:
-            raise ConfigError("no training data: give DATA files (or [sft] data = [...])")
-        if not 0.0 <= self.sft.eval_fraction < 1.0:
-            raise ConfigError(f"sft.eval_fraction must be in [0, 1), got {self.sft.eval_fraction}")
-        if self.sft.epochs <= 0:
-            raise ConfigError(f"sft.epochs must be > 0, got {self.sft.epochs}")
+        s, post = self.section, self.post
+        if not post.data:
+            raise ConfigError(f"no training data: give DATA files (or [{s}] data = [...])")
+        if not 0.0 <= post.eval_fraction < 1.0:
+            raise ConfigError(f"{s}.eval_fraction must be in [0, 1), got {post.eval_fraction}")
+        if post.epochs <= 0:
+            raise ConfigError(f"{s}.epochs must be > 0, got {post.epochs}")
+        if getattr(post, "keep", None) is not None:
+            from herd.post.filter import SCORERS
+
+            if not 0 < post.keep <= 1 or post.scorer not in SCORERS:
+                raise ConfigError(f"sft.keep must be a fraction in (0, 1] and sft.scorer one of {', '.join(SCORERS)}"
+                                  f", got {post.keep} and {post.scorer!r}")
         if self.lora.rank < 0:
             raise ConfigError(f"lora.rank must be >= 0 (0 = full fine-tuning), got {self.lora.rank}")
         if self.lora.rank and self.train.ep > 1:
@@ -84,78 +110,115 @@ class SFTRunConfig(RunConfig):
                           targets=tuple(self.lora.targets))
 
 
-def sft_config(model_dir: str | Path, data: list[str | Path], out: str | Path, recipe: str | Path | None = None,
-               overrides: list[str] = (), steps: int | None = None, lr: float | None = None,
-               batch_size: int | None = None, lora: int | None = None) -> SFTRunConfig:
-    """The run config of ``herd sft``: SFT defaults < the recipe < --section.key overrides < the named flags.
-    Paths from the command line are taken from the working directory."""
+@dataclass
+class SFTRunConfig(PostRunConfig):
+    sft: SFTSpec = field(default_factory=SFTSpec)
+
+
+def post_config(cls: type[PostRunConfig], model_dir: str | Path, data: list[str | Path], out: str | Path,
+                recipe: str | Path | None = None, overrides: list[str] = (), steps: int | None = None,
+                lr: float | None = None, batch_size: int | None = None, lora: int | None = None) -> PostRunConfig:
+    """The run config of a post-training command: its defaults < the recipe < --section.key overrides < the
+    named flags. Paths from the command line are taken from the working directory."""
     cfg = load_config(model_dir)
     defaults = {
         "model": {"init_from": str(Path(model_dir).resolve())},
         "data": {"seq_len": min(2048, cfg.max_seq_len), "batch_size": 8},
         "optim": {"weight_decay": 0.0, "warmup_steps": 0, "min_lr_ratio": 0.0},
         "train": {"out_dir": str(Path(out).resolve()), "steps": 0, "eval_every": 100, "ckpt_every": 100},
-        "sft": {"data": [str(Path(d).resolve()) for d in data]},
+        cls.section: {"data": [str(Path(d).resolve()) for d in data]},
     }
     named = {"train.steps": steps, "optim.lr": lr, "data.batch_size": batch_size, "lora.rank": lora}
     flags = [x for k, v in named.items() if v is not None for x in (f"--{k}", repr(v))]
     base_dir = None if recipe else "."
 
-    def load() -> SFTRunConfig:
-        return load_run_config(recipe, [*overrides, *flags], base_dir=base_dir, cls=SFTRunConfig, defaults=defaults)
+    def load() -> PostRunConfig:
+        return load_run_config(recipe, [*overrides, *flags], base_dir=base_dir, cls=cls, defaults=defaults)
 
-    defaults["optim"]["lr"] = 2e-4 if load().lora.rank else 2e-5  # LoRA's default lr, unless one is given
+    defaults["optim"]["lr"] = cls.default_lr[bool(load().lora.rank)]  # LoRA's default lr, unless one is given
     run = load()
     if Path(run.train.out_dir).resolve() == Path(model_dir).resolve():
         raise ConfigError(f"--out {out} is MODEL_DIR itself: write the fine-tuned model somewhere else")
     return run
 
 
+def sft_config(model_dir: str | Path, data: list[str | Path], out: str | Path, **kw: Any) -> SFTRunConfig:
+    """``herd sft``'s run config (post_config's keywords)."""
+    return post_config(SFTRunConfig, model_dir, data, out, **kw)
+
+
 class SFTTrainer(Trainer):
     """The trainer on SFT examples; with ``lora.rank``, on LoRA adapters of a frozen base model."""
 
-    cfg: SFTRunConfig
+    cfg: PostRunConfig
+
+    kind: ClassVar[str] = "sft"  # load_examples' kind of record
+    json_metrics: ClassVar[tuple[str, ...]] = ()  # metrics the --json object adds to its five keys
 
     def _data(self) -> None:
         cfg, vision = self.cfg, self.model_cfg.vision
         self.chat_format = ChatFormat(self.tokenizer, patches_per_tile=vision.tokens_per_tile if vision else
                                       PATCHES_PER_TILE)
         self.image_config = ImageConfig(tile_size=vision.image_size) if vision else ImageConfig()
-        train = self._examples(cfg.sft.data)
-        held_out = self._examples(cfg.sft.eval) if cfg.sft.eval else []
-        if not held_out and cfg.sft.eval_fraction > 0:
+        train = self._examples(cfg.post.data)
+        if getattr(cfg.post, "keep", None) is not None:
+            train = self._hardest(train)
+        held_out = self._examples(cfg.post.eval) if cfg.post.eval else []
+        if not held_out and cfg.post.eval_fraction > 0:
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.data.seed)).tolist()
-            n = max(1, round(cfg.sft.eval_fraction * len(train)))
+            n = max(1, round(cfg.post.eval_fraction * len(train)))
             if n >= len(train):
-                raise ConfigError(f"sft.eval_fraction={cfg.sft.eval_fraction} leaves no training example "
-                                  f"({len(train)} in all)")
+                raise ConfigError(f"{cfg.section}.eval_fraction={cfg.post.eval_fraction} leaves no training "
+                                  f"example ({len(train)} in all)")
             held_out = [train[i] for i in order[:n]]
             train = [train[i] for i in sorted(order[n:])]
-        if any(ex.images for ex in train + held_out):
+        with_images = [ex for item in train + held_out for ex in (item if isinstance(item, tuple) else (item,))
+                       if ex.images]
+        if with_images:
             if vision is None:
-                first = next(ex for ex in train + held_out if ex.images)
-                raise ConfigError(f"{first.where} has images but the model has no vision tower")
+                raise ConfigError(f"{with_images[0].where} has images but the model has no vision tower")
             if self.world.size > 1:
                 raise ConfigError("image examples train in one process for now (splitting tiles over ranks is "
                                   "not done)")
-        d = cfg.data
-        self.loader = SFTLoader(train, d.seq_len, d.batch_size, d.seed, self.image_config)
-        self.eval_loader = SFTLoader(held_out, d.seq_len, d.batch_size, d.seed, self.image_config) \
-            if held_out else None
+        self.loader = self._loader_of(train)
+        self.eval_loader = self._loader_of(held_out) if held_out else None
         self.eval_sources = self.eval_loader  # Trainer.evaluate: None = no evaluation
         if cfg.train.steps == 0:
-            per_epoch = math.ceil(len(self.loader.rows) / d.batch_size / cfg.train.grad_accum)
-            cfg.train.steps = max(1, round(cfg.sft.epochs * per_epoch))
-        self.examples = self.loader.examples
+            per_epoch = math.ceil(self.loader.batches_per_epoch / cfg.train.grad_accum)
+            cfg.train.steps = max(1, round(cfg.post.epochs * per_epoch))
+        self.examples = len(train)
 
-    def _examples(self, files: list[str]) -> list[Example]:
-        out: list[Example] = []
+    def _loader_of(self, examples: list[Example]) -> SFTLoader:
+        d = self.cfg.data
+        return SFTLoader(examples, d.seq_len, d.batch_size, d.seed, self.image_config)
+
+    def _examples(self, files: list[str]) -> list:
+        out: list = []
         for f in files:
-            out += load_examples(self.cfg.path(f), self.chat_format, "sft", self.image_config)
+            out += load_examples(self.cfg.path(f), self.chat_format, self.kind, self.image_config)
         return out
+
+    def _hardest(self, train: list[Example]) -> list[Example]:
+        """The examples herd.post.filter keeps. Rank 0 rates the data with the model being fine-tuned into
+        OUT_DIR/filter, or reuses what is there from the same settings and data (--resume); the other ranks, which
+        come after it (main_first), read its choice."""
+        from herd.post.filter import FilterSpec, filter_files, kept_locations
+
+        post, out = self.cfg.post, self.out / "filter"
+        if self.world.main:
+            spec = FilterSpec(keep=post.keep, scorer=post.scorer, judge=post.judge, judge_model=post.judge_model,
+                              seed=self.cfg.data.seed)
+            r = filter_files(self.init, [self.cfg.path(f) for f in post.data], out, spec, reuse=True,
+                             progress=self.progress is not False)
+            print(f"filter: kept the {r['kept']} hardest of {r['total']} records ({r['scorer']}) -> {out}", flush=True)
+        kept = kept_locations(out)
+        return [ex for ex in train if ex.where in kept]
 
     def _eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         return self.eval_loader.epoch_batches()
+
+    def describe(self) -> str:
+        return f"{self.examples} examples in {len(self.loader.rows)} rows of {self.cfg.data.seq_len} tokens"
 
     def _model(self, ckpt: Path | None) -> Transformer:
         model = super()._model(ckpt)
@@ -184,7 +247,7 @@ class SFTTrainer(Trainer):
             adapters = _full_lora_state(self.model)  # collective under FSDP: every rank takes part
         if not self.world.main:
             return self.out
-        out = export(last, self.out, dtype=_saved_dtype(self.cfg.sft.dtype, self.init))
+        out = export(last, self.out, dtype=_saved_dtype(self.cfg.post.dtype, self.init))
         if self.cfg.lora.rank:
             from herd.post.lora import save_peft_adapter
 
@@ -212,29 +275,32 @@ def _saved_dtype(dtype: str, model_dir: Path) -> str | torch.dtype | None:
     return None
 
 
-def sft(cfg: SFTRunConfig, resume: bool = False, progress: bool | None = None) -> dict[str, Any]:
-    """Run SFT to the end and export; the ``herd sft --json`` object: out, steps, examples, train_loss,
-    eval_loss (None without held-out data)."""
-    trainer = SFTTrainer(cfg, resume=resume, progress=progress)
+def run(trainer: SFTTrainer) -> dict[str, Any]:
+    """Train to the end and export; the ``--json`` object of herd sft / herd dpo: out, steps, examples,
+    train_loss (the last logged step's), eval_loss (None without held-out data), then the trainer's
+    ``json_metrics``."""
+    cfg = trainer.cfg
     try:
-        main = trainer.world.main
-        if main:
+        if trainer.world.main:
             trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in trainer.model.parameters())
             what = (f"LoRA rank {cfg.lora.rank}: {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters"
                     if cfg.lora.rank else f"{total / 1e6:.1f}M parameters")
-            print(f"sft: {trainer.examples} examples in {len(trainer.loader.rows)} rows of {cfg.data.seq_len} "
-                  f"tokens, {cfg.train.steps} steps, {what} -> {trainer.out}", flush=True)
+            print(f"{cfg.section}: {trainer.describe()}, {cfg.train.steps} steps, {what} -> {trainer.out}",
+                  flush=True)
         last = trainer.fit()
-        stopped = trainer.step < cfg.train.steps
-        if stopped:
+        if trainer.step < cfg.train.steps:
             warnings.warn(f"stopped at step {trainer.step} of {cfg.train.steps}: the model is exported as it is "
                           f"(continue with --resume)", stacklevel=2)
         out = trainer.export()
-        eval_loss = last.get("eval_loss")
-        if eval_loss is None and trainer.eval_loader is not None:
-            eval_loss = trainer.evaluate()
+        if "eval_loss" not in last and trainer.eval_loader is not None:
+            last |= trainer.eval_metrics()
     finally:
         trainer.world.close()
-    return {"out": str(out), "steps": trainer.step, "examples": trainer.examples,
-            "train_loss": last.get("loss"), "eval_loss": eval_loss}
+    return {"out": str(out), "steps": trainer.step, "examples": trainer.examples, "train_loss": last.get("loss"),
+            "eval_loss": last.get("eval_loss"), **{k: last.get(k) for k in trainer.json_metrics}}
+
+
+def sft(cfg: SFTRunConfig, resume: bool = False, progress: bool | None = None) -> dict[str, Any]:
+    """``herd sft``: run(SFTTrainer)."""
+    return run(SFTTrainer(cfg, resume=resume, progress=progress))

@@ -24,19 +24,20 @@ def read_metrics(run_dir: Path, up_to_step: int | None = None) -> tuple[list[dic
     return [train[k] for k in sorted(train)], [evals[k] for k in sorted(evals)]
 
 
-def plot_loss(train: list[dict], evals: list[dict], tokens_per_step: int, path: Path, title: str) -> None:
+def plot_loss(train: list[dict], evals: list[dict], tokens_per_step: int, path: Path, title: str,
+              key: str = "ce") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot([r["step"] * tokens_per_step / 1e6 for r in train], [r["ce"] for r in train], lw=1, label="train")
+    ax.plot([r["step"] * tokens_per_step / 1e6 for r in train], [r[key] for r in train], lw=1, label="train")
     if evals:
         ax.plot([r["step"] * tokens_per_step / 1e6 for r in evals], [r["eval_loss"] for r in evals], "o-",
                 label="eval (held out)")
     ax.set_xlabel("tokens (millions)")
-    ax.set_ylabel("cross entropy (nats / token)")
+    ax.set_ylabel("cross entropy (nats / token)" if key == "ce" else "loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -55,7 +56,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path, up_to_step: int | Non
     last = train[-1]
     tokens_per_step = last["tokens"] // last["step"]
     name = model_name or out_dir.name
-    plot_loss(train, evals, tokens_per_step, out_dir / "loss.png", f"{name}: training loss")
+    key = "ce" if "ce" in last else "loss"  # post-training losses (DPO's) are not a cross entropy
+    unit = " nats/token" if key == "ce" else ""
+    plot_loss(train, evals, tokens_per_step, out_dir / "loss.png", f"{name}: training loss", key)
     seconds = last.get("train_time_s")
     timing = (f"{seconds / 60:.1f} min of training steps (evaluation and checkpoints excluded)" if seconds
               else f"{(last['time'] - train[0]['time']) / 60:.1f} min between the first and last logged steps")
@@ -67,10 +70,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path, up_to_step: int | Non
         "| | |", "|---|---|",
         f"| steps | {last['step']} |",
         f"| tokens | {last['tokens']:,} ({tokens_per_step:,} per step) |",
-        f"| final train loss | {last['ce']:.3f} nats/token (mean of the last logged step) |",
+        f"| final train loss | {last[key]:.3f}{unit} (mean of the last logged step) |",
     ]
     if evals:
-        lines.append(f"| final eval loss | {evals[-1]['eval_loss']:.3f} nats/token (held-out documents, step "
+        lines.append(f"| final eval loss | {evals[-1]['eval_loss']:.3f}{unit} (held-out data, step "
                      f"{evals[-1]['step']}) |")
         best = min(evals, key=lambda r: r["eval_loss"])
         lines.append(f"| best eval loss | {best['eval_loss']:.3f} (step {best['step']}) |")

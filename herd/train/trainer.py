@@ -339,6 +339,11 @@ class Trainer:
         self.model.train()
         return total / max(n, 1.0)  # the mean over tokens, not over batches
 
+    def eval_metrics(self) -> dict[str, float]:
+        """What an evaluation logs: {"eval_loss": ...}, or nothing without evaluation data."""
+        loss = self.evaluate()
+        return {} if loss is None else {"eval_loss": loss}
+
     def _eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         loader = PackedLoader(self.eval_sources, self.cfg.data.seq_len, self.cfg.data.batch_size,
                               seed=self.cfg.data.seed)
@@ -396,12 +401,12 @@ class Trainer:
                                     lr=f"{metrics['lr']:.2e}")
                     last = metrics
                 if self.step % t.eval_every == 0 or self.step == t.steps:
-                    eval_loss = self.evaluate()
-                    if eval_loss is not None:
-                        log.write(self.step, {"eval_loss": eval_loss})
-                        last["eval_loss"] = eval_loss
+                    found = self.eval_metrics()
+                    if found:
+                        log.write(self.step, found)
+                        last |= found
                         if main:
-                            bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
+                            bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in found.items()))
                     window_start = time.perf_counter()  # evaluation time is not training throughput
                 if self.step % t.ckpt_every == 0 or self.step == t.steps:
                     self.save(_summary(last))
