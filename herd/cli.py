@@ -214,6 +214,27 @@ def _post_train(args: argparse.Namespace, method: str) -> None:
     print(f"{method}: {result['steps']} steps on {result['examples']} examples; {shown} -> {result['out']}")
 
 
+def cmd_rl(args: argparse.Namespace) -> None:
+    from herd.post.rl import rl, rl_config
+    from herd.post.tasks import split_specs
+
+    cfg = rl_config(args.model_dir, split_specs(args.tasks) if args.tasks else [], args.out, recipe=args.config,
+                    overrides=list(args.overrides), steps=args.steps, lr=args.lr, lora=args.lora,
+                    group_size=args.group_size)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _torchrun(args.argv, args.nproc, cfg.train.threads)
+    result = rl(cfg, resume=args.resume, progress=not (args.no_progress or args.json))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if args.json:
+        print(json.dumps(result))
+        return
+    num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"rl: {result['steps']} steps; reward {num(result['reward_first'])} -> {num(result['reward_last'])}, "
+          f"held-out pass@1 {num(result['heldout_pass@1_before'])} -> {num(result['heldout_pass@1_after'])} "
+          f"-> {result['out']}")
+
+
 def cmd_sft(args: argparse.Namespace) -> None:
     _post_train(args, "sft")
 
@@ -593,6 +614,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_eval_tasks)
 
+    s = sub.add_parser("rl", help="online RL (GRPO family) on verifiable tasks, with continuous difficulty "
+                       "filtering; --section.key VALUE overrides the recipe",
+                       epilog="example: herd rl runs/pico-sft --tasks arithmetic,instruction --out runs/pico-rl "
+                              "--steps 200 --group-size 8 --lora 16  (recipe sections: model, data, optim, train, "
+                              "rl, grpo, lora; e.g. --rl.tau 0.5 --grpo.beta 0.04)")
+    s.add_argument("model_dir", type=Path, help="the policy to train (an HF model directory)")
+    s.add_argument("--tasks", metavar="SPEC[,SPEC]", help="task names or JSONL files (as herd eval tasks takes them)")
+    s.add_argument("--out", type=Path, required=True,
+                   help="the run directory, and at the end the trained HF model directory (+ adapter/ with --lora)")
+    s.add_argument("--steps", type=int, help="optimizer steps, one rollout batch each")
+    s.add_argument("--group-size", type=int, help="answers per prompt (default 8)")
+    s.add_argument("--lr", type=float, help="peak learning rate (default 1e-6; 1e-5 with --lora)")
+    s.add_argument("--lora", type=int, metavar="RANK", help="train LoRA adapters of this rank, not the full model")
+    s.add_argument("--config", type=Path, help="a recipe (TOML) with the run's settings")
+    s.add_argument("--json", action="store_true", help="print one JSON object at the end: out, steps, reward_first, "
+                   "reward_last, heldout_pass@1_before, heldout_pass@1_after")
+    s.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint in --out")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--nproc", type=int, default=1, help="processes on this host (torchrun): FSDP2 (+ --train.ep N)")
+    s.set_defaults(func=cmd_rl, overrides=[])
+
     s = sub.add_parser("pairs", help="on-policy preference pairs for herd dpo: sample the model on task items, score "
                        "the answers (the task's verifier or a judge), write best vs worst",
                        epilog="example: herd pairs runs/pico-sft --tasks arithmetic,instruction --n 200 --samples 4 "
@@ -630,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "sft", "dpo"):
+    if extra and args.command not in ("train", "sft", "dpo", "rl"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = extra  # --section.key VALUE pairs for the recipe

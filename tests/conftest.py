@@ -102,3 +102,25 @@ def text_recipe(tmp_path, **sections) -> dict:
     for name, values in sections.items():
         recipe[name] = {**recipe.get(name, {}), **values}
     return recipe
+
+
+def check_resume_is_exact(make, tmp_path, steps: int = 4, stop: int = 2, keys: tuple[str, ...] = ("loss",)):
+    """``make(out, steps, resume=False)`` builds a trainer. A run stopped at ``stop`` (its checkpoint) and resumed
+    logs the uninterrupted run's ``keys`` at every step and ends with its weights, bit for bit."""
+    import json
+
+    whole = make(tmp_path / "a", steps)
+    whole.fit()
+    make(tmp_path / "b", stop).fit()
+    resumed = make(tmp_path / "b", steps, resume=True)
+    assert resumed.step == stop
+    resumed.fit()
+
+    def rows(run):
+        logged = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return [tuple(r[k] for k in keys) for r in logged if "loss" in r]
+
+    assert rows(tmp_path / "a") == rows(tmp_path / "b") and len(rows(tmp_path / "a")) == steps
+    for p, q in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    return whole, resumed

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import check_resume_is_exact
 
 from herd import checkpoint
 from herd.cli import main
@@ -59,19 +60,8 @@ def test_resume_is_exact(base, chats, tmp_path):
                           overrides=["--data.seq_len", "64", "--optim.schedule", "constant", "--train.log_every", "1",
                                      "--train.ckpt_every", "2", "--train.tensorboard", "false"])
 
-    whole = SFTTrainer(cfg(tmp_path / "a", 4), progress=False)
-    whole.fit()
-    SFTTrainer(cfg(tmp_path / "b", 2), progress=False).fit()
-    resumed = SFTTrainer(cfg(tmp_path / "b", 4), resume=True, progress=False)
-    assert resumed.step == 2
-    resumed.fit()
-
-    def losses(run):
-        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 4
-    for p, q in zip(whole.model.parameters(), resumed.model.parameters()):
-        assert torch.equal(p, q)
+    check_resume_is_exact(lambda out, steps, resume=False: SFTTrainer(cfg(out, steps), resume=resume,
+                                                                      progress=False), tmp_path)
 
 
 def test_epochs_decide_the_steps_and_bad_inputs_are_named(base, chats, tmp_path):

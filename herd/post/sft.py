@@ -78,6 +78,7 @@ class PostRunConfig(RunConfig):
     min_steps = 0  # 0: the epochs decide
     section: ClassVar[str] = "sft"
     default_lr: ClassVar[tuple[float, float]] = (2e-5, 2e-4)  # (full, LoRA): TRL's SFT defaults
+    train_defaults: ClassVar[dict] = {}  # the method's own [train] defaults
 
     @property
     def post(self) -> PostSpec:
@@ -115,7 +116,7 @@ class SFTRunConfig(PostRunConfig):
     sft: SFTSpec = field(default_factory=SFTSpec)
 
 
-def post_config(cls: type[PostRunConfig], model_dir: str | Path, data: list[str | Path], out: str | Path,
+def post_config(cls: type[PostRunConfig], model_dir: str | Path, data: list[str | Path] | dict, out: str | Path,
                 recipe: str | Path | None = None, overrides: list[str] = (), steps: int | None = None,
                 lr: float | None = None, batch_size: int | None = None, lora: int | None = None) -> PostRunConfig:
     """The run config of a post-training command: its defaults < the recipe < --section.key overrides < the
@@ -125,8 +126,9 @@ def post_config(cls: type[PostRunConfig], model_dir: str | Path, data: list[str 
         "model": {"init_from": str(Path(model_dir).resolve())},
         "data": {"seq_len": min(2048, cfg.max_seq_len), "batch_size": 8},
         "optim": {"weight_decay": 0.0, "warmup_steps": 0, "min_lr_ratio": 0.0},
-        "train": {"out_dir": str(Path(out).resolve()), "steps": 0, "eval_every": 100, "ckpt_every": 100},
-        cls.section: {"data": [str(Path(d).resolve()) for d in data]},
+        "train": {"out_dir": str(Path(out).resolve()), "steps": 0, "eval_every": 100, "ckpt_every": 100,
+                  **cls.train_defaults},
+        cls.section: data if isinstance(data, dict) else {"data": [str(Path(d).resolve()) for d in data]},
     }
     named = {"train.steps": steps, "optim.lr": lr, "data.batch_size": batch_size, "lora.rank": lora}
     flags = [x for k, v in named.items() if v is not None for x in (f"--{k}", repr(v))]

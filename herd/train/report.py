@@ -20,7 +20,10 @@ def read_metrics(run_dir: Path, up_to_step: int | None = None) -> tuple[list[dic
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if up_to_step is None or row["step"] <= up_to_step:
-            (evals if "eval_loss" in row else train)[row["step"]] = row
+            if "loss" in row:
+                train[row["step"]] = row
+            elif "eval_loss" in row:
+                evals[row["step"]] = row
     return [train[k] for k in sorted(train)], [evals[k] for k in sorted(evals)]
 
 

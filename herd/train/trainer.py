@@ -314,13 +314,18 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         if not math.isfinite(totals["loss"]):
             raise FloatingPointError(f"loss is {totals['loss']} at step {self.step}: lower optim.lr or use fp32")
-        self.optimizer.step()
+        if self._update_ok():
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         metrics = {**totals, "lr": lr, "grad_norm": float(grad_norm)}
         if router_logits and expert_metrics:
             metrics |= expert_load(router_logits, cfg.n_experts, cfg.top_k)
         return metrics
+
+    def _update_ok(self) -> bool:
+        """Whether this step's gradients update the weights (RL skips a step with nothing to learn from)."""
+        return True
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

@@ -1,0 +1,109 @@
+"""herd rl: rollouts from herd's engine, zero-advantage groups dropped, difficulty filtering by the policy's own
+pass rate, mixed tasks with system prompts, exact resume, and a CI-sized run that learns a toy task."""
+
+import json
+
+import pytest
+from conftest import check_resume_is_exact
+
+from herd.cli import main
+from herd.eval.tasks import Graded
+from herd.post import rl as rl_module
+from herd.post.rl import RLSpec, RLTrainer, Rollouts, rl_config
+
+WORDS = "apple bread candle dragon eagle forest garden harbor island jungle kettle lemon".split()
+
+
+@pytest.fixture(scope="module")
+def letter_task(tmp_path_factory):
+    """A toy task a random model can learn by RL alone: answer with one token containing "u" (about 5% of a
+    random model's samples; no special token's text has one)."""
+    path = tmp_path_factory.mktemp("rl") / "u.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Say a word like {w}.", "answer": "u"}) + "\n" for w in WORDS))
+    return f"{path}:matcher=regex"
+
+
+def _overrides(**rl):
+    base = {"prompts_per_step": 4, "max_new_tokens": 1, "pool_size": 12, "heldout": 12, "filter_samples": 8}
+    return [x for k, v in {**base, **rl}.items() for x in (f"--rl.{k}", json.dumps(v))] + [
+        "--train.tensorboard", "false"]
+
+
+def test_rl_lifts_reward_on_a_learnable_task(base, letter_task, tmp_path, capsys):
+    out = tmp_path / "rl"
+    assert main(["rl", str(base), "--tasks", letter_task, "--out", str(out), "--steps", "25", "--group-size", "8",
+                 "--lr", "3e-2", "--json", *_overrides(filter=False)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result) == {"out", "steps", "reward_first", "reward_last", "heldout_pass@1_before",
+                           "heldout_pass@1_after"}
+    assert result["reward_first"] <= 0.2 and result["reward_last"] >= 0.8, result
+    assert result["heldout_pass@1_after"] > result["heldout_pass@1_before"]
+    assert (out / "config.json").is_file() and (out / "TRAINING.md").is_file()
+
+
+def test_zero_advantage_groups_never_reach_the_loss(base, letter_task, tmp_path):
+    trainer = RLTrainer(rl_config(base, [letter_task], tmp_path / "z", steps=2, overrides=_overrides(filter=False)),
+                        progress=False)
+    batch = trainer.loader.next_batch()
+    advantages = batch["advantages"].view(-1, 8)
+    assert advantages.shape[0] == 4 and bool((advantages != 0).any(1).all())  # every group has a signal
+    assert trainer.loader.last["groups_dropped"] > 0  # at a ~5% success rate most groups are all wrong
+    assert bool((batch["loss_mask"].sum(1) >= 1).all())  # every row trains on its answer token
+
+
+def test_difficulty_filter_keeps_pass_rates_in_the_open_band(monkeypatch, letter_task):
+    """A round keeps exactly the candidates whose estimated pass rate lies in (0, tau]."""
+    spec = RLSpec(tasks=[letter_task], pool_size=12, filter_samples=4, tau=0.5, system_prompts=[])
+    loader = Rollouts(spec, seed=0, max_len=64)
+    rate = {w: i % 5 / 4 for i, w in enumerate(WORDS)}  # 0, .25, .5, .75, 1, 0, ...
+
+    def fake_sample(items, samples, stream):
+        out = []
+        for item in items:
+            right = round(rate[item.prompt[-1]["content"].split()[-1].rstrip(".")] * samples)
+            out.append(Graded(item, [], [1.0] * right + [0.0] * (samples - right)))
+        return out
+
+    monkeypatch.setattr(loader, "_sample", fake_sample)
+    loader._new_round()
+    kept = {loader.pool[i].prompt[-1]["content"].split()[-1].rstrip(".") for i in loader.queue}
+    assert kept == {w for w in WORDS if 0 < rate[w] <= 0.5}
+    assert loader.last["round_kept"] == len(kept) and loader.last["round_too_hard"] == 3
+
+
+def test_mixed_tasks_by_weight_with_system_prompts():
+    spec = RLSpec(tasks=["arithmetic", "shapes"], task_weights=[3.0, 1.0], pool_size=400,
+                  system_prompts=["Be brief.", "Think first."])
+    pool = Rollouts(spec, seed=0, max_len=64).candidates(0)
+    shapes = sum(item.meta["spec"] == "shapes" for item in pool)
+    assert 70 <= shapes <= 130  # a quarter of 400
+    assert all(item.prompt[0] == {"role": "system", "content": item.prompt[0]["content"]} for item in pool)
+    assert {item.prompt[0]["content"] for item in pool} == {"Be brief.", "Think first."}
+    assert any(isinstance(m["content"], list) for item in pool for m in item.prompt)  # shapes bring pictures
+    assert [i.prompt for i in Rollouts(spec, seed=0, max_len=64).candidates(0)] == [i.prompt for i in pool]
+
+
+def test_resume_is_exact(base, letter_task, tmp_path):
+    """Stopped at step 2 and resumed, a filtered RL run's rewards, losses and weights are the uninterrupted
+    run's: the round's pool and queue are in the checkpoint, the sampling seeds follow the step."""
+    def cfg(out, steps):
+        return rl_config(base, [letter_task], out, steps=steps, lr=1e-2,
+                         overrides=[*_overrides(), "--train.ckpt_every", "2", "--optim.schedule", "constant"])
+
+
+    check_resume_is_exact(lambda out, steps, resume=False: RLTrainer(cfg(out, steps), resume=resume, progress=False),
+                          tmp_path, keys=("loss", "reward"))
+
+
+def test_bad_settings_are_named(base, tmp_path):
+    from herd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no tasks"):
+        rl_config(base, [], tmp_path / "x", steps=2)
+    with pytest.raises(ConfigError, match="give the number of RL steps"):
+        rl_config(base, ["arithmetic"], tmp_path / "x")
+    with pytest.raises(ConfigError, match="rl.task_weights"):
+        rl_config(base, ["arithmetic"], tmp_path / "x", steps=2, overrides=["--rl.task_weights", "[1, 2]"])
+    with pytest.raises(ConfigError, match="temperature"):
+        rl_config(base, ["arithmetic"], tmp_path / "x", steps=2, overrides=["--rl.temperature", "0.0"])
+    assert rl_module.SYSTEM_PROMPTS
