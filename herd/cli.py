@@ -218,8 +218,9 @@ def cmd_rl(args: argparse.Namespace) -> None:
     from herd.post.rl import rl, rl_config
     from herd.post.tasks import split_specs
 
+    overrides = list(args.overrides) + (["--rl.lag", "0"] if args.sync else [])
     cfg = rl_config(args.model_dir, split_specs(args.tasks) if args.tasks else [], args.out, recipe=args.config,
-                    overrides=list(args.overrides), steps=args.steps, lr=args.lr, lora=args.lora,
+                    overrides=overrides, steps=args.steps, lr=args.lr, lora=args.lora,
                     group_size=args.group_size)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         _torchrun(args.argv, args.nproc, cfg.train.threads)
@@ -627,6 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--group-size", type=int, help="answers per prompt (default 8)")
     s.add_argument("--lr", type=float, help="peak learning rate (default 1e-6; 1e-5 with --lora)")
     s.add_argument("--lora", type=int, metavar="RANK", help="train LoRA adapters of this rank, not the full model")
+    s.add_argument("--sync", action="store_true", help="generate and train in turn (rl.lag 0); default: the next "
+                   "step's rollouts are generated while a step trains, one step behind (--rl.lag N)")
     s.add_argument("--config", type=Path, help="a recipe (TOML) with the run's settings")
     s.add_argument("--json", action="store_true", help="print one JSON object at the end: out, steps, reward_first, "
                    "reward_last, heldout_pass@1_before, heldout_pass@1_after")

@@ -107,3 +107,50 @@ def test_bad_settings_are_named(base, tmp_path):
     with pytest.raises(ConfigError, match="temperature"):
         rl_config(base, ["arithmetic"], tmp_path / "x", steps=2, overrides=["--rl.temperature", "0.0"])
     assert rl_module.SYSTEM_PROMPTS
+
+
+@pytest.mark.parametrize("lag", [0, 2])
+def test_policy_lag_is_exact_and_resume_keeps_the_batches_made_ahead(base, letter_task, tmp_path, lag):
+    """Rollouts of step k come from the weights after step max(0, k - lag), whatever the thread timing; a
+    checkpoint keeps the batches made ahead of the trainer, so a resumed async run is the uninterrupted one."""
+    def make(out, steps, resume=False):
+        cfg = rl_config(base, [letter_task], out, steps=steps, lr=1e-2,
+                        overrides=[*_overrides(lag=lag), "--train.ckpt_every", "2", "--optim.schedule", "constant"])
+        return RLTrainer(cfg, resume=resume, progress=False)
+
+    whole, _ = check_resume_is_exact(make, tmp_path, keys=("loss", "reward", "policy_lag"))
+    lags = [r["policy_lag"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+    assert lags == [min(k, lag) for k in range(4)]
+    if lag:
+        assert (tmp_path / "b" / "checkpoints" / "step_00000002" / "rollouts.pt").is_file()
+
+
+def test_kill_9_then_resume_continues_the_same_run(base, letter_task, tmp_path):
+    """herd rl killed with SIGKILL after its first checkpoint, then --resume: the run ends as an uninterrupted
+    one does (the checkpoint is whole or absent; what was made after it is made again, the same way)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["rl", str(base), "--tasks", letter_task, "--steps", "6", "--group-size", "8", "--lr", "1e-2",
+            "--no-progress", *_overrides(), "--train.ckpt_every", "2", "--optim.schedule", "constant"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "herd.cli", *args, "--out", str(killed)],
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "step_00000002").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert main([*args, "--out", str(killed), "--resume"]) == 0
+
+    def rows(run):
+        return {r["step"]: (r["loss"], r["reward"]) for r in
+                map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+    assert rows(killed) == rows(tmp_path / "whole") and sorted(rows(killed)) == list(range(1, 7))

@@ -40,11 +40,13 @@ from herd.eval.tasks import Graded, engine_completer, grade, summarise
 from herd.infer.sampling import SamplingParams
 from herd.model.transformer import Transformer
 from herd.post.grpo import GRPOSpec, group_advantages, grpo_loss
+from herd.post.rollout_pipeline import RolloutPipeline
 from herd.post.sft import PostRunConfig, SFTTrainer, post_config, run
 from herd.post.tasks import Item, Task, get_task
 from herd.train.distributed import rank_rows
 from herd.train.losses import load_balancing_loss
 
+ROLLOUTS_FILE = "rollouts.pt"  # in a checkpoint: the batches made ahead of the trainer (herd.post.rollout_pipeline)
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer the question. Be brief.",
                   "You are a careful assistant: check your answer before you give it.",
                   "Reply with the answer only."]
@@ -68,6 +70,7 @@ class RLSpec:
     system_prompts: list[str] = field(default_factory=lambda: list(SYSTEM_PROMPTS))
     heldout: int = 32  # held-out items (their own seed) for heldout_pass@1, greedy
     max_refills: int = 8  # draws of more prompts per step when groups keep being dropped
+    lag: int = 1  # rollouts of step k use the weights after step k - lag, made while training runs; 0 = in turn
     dtype: str = "auto"  # the saved model's dtype
 
 
@@ -89,6 +92,8 @@ class RLRunConfig(PostRunConfig):
         for name in ("group_size", "prompts_per_step", "pool_size", "filter_samples", "max_new_tokens"):
             if getattr(r, name) < (2 if name in ("group_size", "filter_samples") else 1):
                 raise ConfigError(f"rl.{name} is too small: {getattr(r, name)}")
+        if r.lag < 0:
+            raise ConfigError(f"rl.lag must be >= 0 steps (0 = synchronous), got {r.lag}")
         if not 0 < r.tau <= 1:
             raise ConfigError(f"rl.tau must be in (0, 1], got {r.tau}")
         if r.temperature <= 0:
@@ -186,11 +191,13 @@ class Rollouts:
         tasks = {"items": _Fixed(items, self.tasks)}
         return grade(complete, tasks, len(items), samples, batch=max(len(items) * samples, 1), progress=False)["items"]
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        """G answers to each of ``prompts_per_step`` prompts, zero-advantage groups replaced by fresh prompts,
-        as a padded batch: tokens, targets, loss_mask (answer tokens), positions, doc_ids, advantages,
-        rollout_logps (the sampler's log-probs of the answer tokens), pixel_values for image prompts."""
+    def produce(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Step ``step``'s batch with the engine's current weights: G answers to each of ``prompts_per_step``
+        prompts, zero-advantage groups replaced by fresh prompts, padded: tokens, targets, loss_mask (answer
+        tokens), positions, doc_ids, advantages, rollout_logps (the sampler's log-probs of the answer tokens),
+        pixel_values for image prompts. Then (metrics, idle, the rollout state after it)."""
         s, start = self.spec, time.perf_counter()
+        self.step = step
         groups, dropped, sampled, all_rewards = [], 0, 0, []
         if self.round < 0:
             self._new_round()
@@ -225,9 +232,12 @@ class Rollouts:
         self.last |= {"reward": sum(all_rewards) / len(all_rewards), "reward_trained": float(rewards.mean()),
                       "groups_dropped": dropped, "groups": 0 if self.idle else len(groups),
                       "response_length": sum(lengths) / len(lengths),
-                      "rollout_tokens_per_s": sampled / (time.perf_counter() - start)}
+                      "rollout_tokens_per_s": sampled / (time.perf_counter() - start),
+                      "groups_kept_total": self.totals["groups_kept"],
+                      "groups_dropped_total": self.totals["groups_dropped"]}
         self.step += 1
-        return self._batch(groups)
+        batch = self._batch(groups)
+        return batch, {"metrics": dict(self.last), "idle": self.idle, "state": self.state_dict()}
 
     def _generate(self, items: list[Item], stream: str) -> list[dict]:
         s = self.spec
@@ -316,22 +326,27 @@ class RLTrainer(SFTTrainer):
     json_metrics = ("heldout_pass@1",)
 
     def _data(self) -> None:
-        self.loader = Rollouts(self.cfg.rl, self.cfg.train.seed, min(self.cfg.data.seq_len, self.model_cfg.max_seq_len),
-                               self.cfg.grpo.scale_rewards)
+        rollouts = Rollouts(self.cfg.rl, self.cfg.train.seed, min(self.cfg.data.seq_len, self.model_cfg.max_seq_len),
+                            self.cfg.grpo.scale_rewards)
+        self.loader = RolloutPipeline(rollouts, self.cfg.rl.lag)
         self.eval_loader = None
         self.eval_sources = True  # evaluation is held-out pass@1 (eval_metrics)
         self.examples = 0
         r = self.cfg.rl
         self.heldout = {s: _HeldOut(t, r.heldout, r.difficulty, self.cfg.train.seed) for s, t in
-                        self.loader.tasks.items()}
+                        rollouts.tasks.items()}
 
     def __init__(self, cfg: RLRunConfig, resume: bool = False, progress: bool | None = None):
         super().__init__(cfg, resume=resume, progress=progress)
         from herd.api import LLM
 
+        state = self._policy_state()
         self.rollout_model = Transformer(self.model_cfg)
-        self.rollout_model.load_state_dict(self._policy_state())
-        self.loader.llm = LLM(self.rollout_model, self.tokenizer)
+        self.rollout_model.load_state_dict(state)
+        self.loader.rollouts.llm = LLM(self.rollout_model, self.tokenizer)
+        self.loader.publish(self.step, state)
+        if self.resumed_from is not None and (self.resumed_from / ROLLOUTS_FILE).is_file():
+            self.loader.restore(torch.load(self.resumed_from / ROLLOUTS_FILE, weights_only=False))
 
     def describe(self) -> str:
         r = self.cfg.rl
@@ -347,11 +362,18 @@ class RLTrainer(SFTTrainer):
     def train_step(self, expert_metrics: bool = True) -> dict[str, Any]:
         start = time.perf_counter()
         metrics = super().train_step(expert_metrics)
-        self.loader.llm.engine.update_weights(self._policy_state())
-        metrics |= self.loader.last | {"groups_kept_total": self.loader.totals["groups_kept"],
-                                       "groups_dropped_total": self.loader.totals["groups_dropped"],
-                                       "step_time_s": time.perf_counter() - start}
-        return metrics
+        self.loader.publish(self.step, self._policy_state())
+        return metrics | self.loader.last | {"step_time_s": time.perf_counter() - start}
+
+    def fit(self) -> dict[str, Any]:
+        try:
+            return super().fit()
+        finally:
+            self.loader.close()
+
+    def _checkpoint_files(self) -> dict[str, Any]:
+        pending = self.loader.pending()
+        return {ROLLOUTS_FILE: pending} if pending else {}
 
     def _update_ok(self) -> bool:
         return not self.loader.idle
@@ -380,9 +402,11 @@ class RLTrainer(SFTTrainer):
     def eval_metrics(self) -> dict[str, float]:
         """Held-out pass@1: greedy answers to items of the run's tasks drawn with their own seed."""
         params = SamplingParams(max_new_tokens=self.cfg.rl.max_new_tokens, temperature=0.0)
-        report = summarise(grade(engine_completer(self.loader.llm, params), self.heldout, self.cfg.rl.heldout,
-                                 progress=False), k=1, threshold=self.cfg.rl.pass_threshold)
-        return {"heldout_pass@1": report["pass@1"]}
+        llm = self.loader.rollouts.llm
+        with self.loader.lock:  # the rollout thread's engine: set the current weights, then take turns
+            llm.engine.update_weights(self._policy_state())
+            graded = grade(engine_completer(llm, params), self.heldout, self.cfg.rl.heldout, progress=False)
+        return {"heldout_pass@1": summarise(graded, k=1, threshold=self.cfg.rl.pass_threshold)["pass@1"]}
 
 
 class _HeldOut:

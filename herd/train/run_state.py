@@ -72,10 +72,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(root: str | Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
          trainer_state: dict[str, Any], tokenizer_dir: Path | None = None, keep: int | None = None,
-         world: World = World(), plain: Callable[[dict], dict] | None = None) -> Path:
+         world: World = World(), plain: Callable[[dict], dict] | None = None,
+         files: dict[str, Any] | None = None) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically; then keep only the newest ``keep``. Every rank calls
     it (the shards and the full-model gather are collective); rank 0 writes the rest and renames. ``plain``
-    turns the full state dict into a plain Transformer's for ``model/`` (a LoRA model's adapters folded in)."""
+    turns the full state dict into a plain Transformer's for ``model/`` (a LoRA model's adapters folded in);
+    ``files``: more objects for the checkpoint, torch.save'd by rank 0 under their names."""
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".{final.name}.tmp"  # the same name on every rank
@@ -95,6 +97,8 @@ def save(root: str | Path, step: int, model: Transformer, optimizer: torch.optim
                     if f.is_file() and f.name.startswith("tokenizer"):
                         shutil.copy2(f, tmp / MODEL_DIR / f.name)
             torch.save(rng_state(), tmp / RNG_FILE)
+            for name, obj in (files or {}).items():
+                torch.save(obj, tmp / name)
             (tmp / TRAINER_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
             _fsync_tree(tmp)
             checkpoint.replace_dir(tmp, final)  # the same step saved again (after a resume) is swapped out whole

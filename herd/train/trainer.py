@@ -356,6 +356,10 @@ class Trainer:
         for _ in range(min(self.cfg.train.eval_batches, max(1, loader.sources[0].n // loader.batch_size))):
             yield loader.next_batch()
 
+    def _checkpoint_files(self) -> dict[str, Any]:
+        """Objects a subclass keeps in each checkpoint beside the state (name -> object, torch.save'd)."""
+        return {}
+
     def _plain_state(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The full state dict as a plain Transformer's (what a checkpoint's model/ holds)."""
         return full
@@ -365,7 +369,7 @@ class Trainer:
                  "train_time_s": self.train_time}
         return run_state.save(self.ckpt_root, self.step, self.model, self.optimizer, state,
                               tokenizer_dir=self.tokenizer_dir, keep=self.cfg.train.keep_checkpoints,
-                              world=self.world, plain=self._plain_state)
+                              world=self.world, plain=self._plain_state, files=self._checkpoint_files())
 
     # -- the run -----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
