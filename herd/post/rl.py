@@ -160,7 +160,8 @@ class Rollouts:
             graded = self._sample(self.pool, self.spec.filter_samples, f"filter/{self.round}")
             rates = [sum(s >= self.spec.pass_threshold for s in g.scores) / len(g.scores) for g in graded]
             kept = [i for i in order if 0 < rates[i] <= self.spec.tau]
-            self.last |= {"round": self.round, "round_kept": len(kept), "round_too_hard": rates.count(0.0),
+            self.last |= {"round": self.round, "round_kept": len(kept), "round_kept_fraction": len(kept) / len(rates),
+                          "round_too_hard": rates.count(0.0),
                           "round_too_easy": sum(r > self.spec.tau for r in rates),
                           "round_pass_rate": sum(rates) / len(rates)}
         self.queue = kept
@@ -231,6 +232,7 @@ class Rollouts:
         # asked); reward_trained: the groups that reach the loss
         self.last |= {"reward": sum(all_rewards) / len(all_rewards), "reward_trained": float(rewards.mean()),
                       "groups_dropped": dropped, "groups": 0 if self.idle else len(groups),
+                      "groups_dropped_fraction": dropped / (dropped + (0 if self.idle else len(groups))),
                       "response_length": sum(lengths) / len(lengths),
                       "rollout_tokens_per_s": sampled / (time.perf_counter() - start),
                       "groups_kept_total": self.totals["groups_kept"],
@@ -363,7 +365,10 @@ class RLTrainer(SFTTrainer):
         start = time.perf_counter()
         metrics = super().train_step(expert_metrics)
         self.loader.publish(self.step, self._policy_state())
-        return metrics | self.loader.last | {"step_time_s": time.perf_counter() - start}
+        step_time = time.perf_counter() - start
+        trained = self._trained_tokens / max(step_time - self.loader.last["rollout_wait_s"], 1e-9)
+        return metrics | self.loader.last | {"step_time_s": step_time, "train_tokens_per_s": trained,
+                                             "step_tokens": int(self._trained_tokens)}
 
     def fit(self) -> dict[str, Any]:
         try:
@@ -385,13 +390,17 @@ class RLTrainer(SFTTrainer):
             logits, router_logits = self.model(batch["tokens"], positions=batch["positions"],
                                                doc_ids=batch["doc_ids"], return_router_logits=True,
                                                pixel_values=batch.get("pixel_values"))
-        logps_BT = -torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
-                                                      reduction="none").view(batch["targets"].shape)
+        logp_BTV = logits.float().log_softmax(-1)
+        logps_BT = logp_BTV.gather(-1, batch["targets"][..., None]).squeeze(-1)
+        self._trained_tokens = n_tokens
         # one optimizer step per rollout batch: the policy that sampled is the one trained (old = current,
         # detached); the sampler's own log-probs weight the tokens (truncated IS) when they differ
         loss, parts = grpo_loss(logps_BT, None, batch["advantages"], batch["loss_mask"], self.cfg.grpo,
                                 rollout_logps_BT=batch["rollout_logps"], n_tokens=n_tokens, n_seqs=n_seqs,
                                 max_completion_length=self.cfg.rl.max_new_tokens)
+        with torch.no_grad():  # the policy's entropy on the answer tokens: a collapse shows here first
+            mask = batch["loss_mask"].float()
+            parts["entropy"] = (-(logp_BTV.exp() * logp_BTV).sum(-1) * mask).sum() / max(n_tokens, 1.0)
         if router_logits and self.aux_coef:
             aux = load_balancing_loss(router_logits, self.model.cfg.n_experts, self.model.cfg.top_k) / self.world.size
             loss = loss + self.aux_coef * aux

@@ -16,6 +16,7 @@ needs first.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import torch
@@ -60,7 +61,7 @@ class RolloutPipeline:
 
     # -- serving --------------------------------------------------------------------------------------------------
     def next_batch(self) -> dict[str, torch.Tensor]:
-        step = self._take
+        step, start = self._take, time.perf_counter()
         if self.lag == 0:
             batch, info = self._make_batch(step)
             self._make = step + 1
@@ -76,7 +77,10 @@ class RolloutPipeline:
         if self.lag == 0:
             self._take += 1
             self.state = info["state"]
-        self.last, self.idle = info["metrics"] | {"policy_lag": step - info["weights"]}, info["idle"]
+        # rollout_wait_s: what the step spent waiting for (or, in turn, making) its batch
+        self.last = info["metrics"] | {"policy_lag": step - info["weights"],
+                                       "rollout_wait_s": time.perf_counter() - start}
+        self.idle = info["idle"]
         return batch
 
     def _start(self) -> None:

@@ -117,13 +117,15 @@ class Trainer:
         self.model.train()
         parallelize(self.model, t, self.world)  # every rank holds the same full weights here
         self.optimizer = self._optimizer()
-        self.step, self.resumed_from, self.train_time = 0, ckpt, 0.0
+        self.step, self.resumed_from, self.train_time, self.tokens_seen = 0, ckpt, 0.0, 0
         if ckpt is not None:
             state = run_state.read_trainer_state(ckpt)
             run_state.load_state(ckpt, self.model, self.optimizer)
             self.loader.load_state_dict(state["loader"])
             self.step = int(state["step"])
             self.train_time = float(state.get("train_time_s", 0.0))
+            tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum
+            self.tokens_seen = int(state.get("tokens_seen", self.step * tokens_per_step))
         if self.world.main:
             (self.out / "run.toml").write_text(to_toml(cfg.to_dict()))
         self.aux_coef = self.model.cfg.router_aux_loss_coef if t.aux_loss_coef is None else t.aux_loss_coef
@@ -366,7 +368,7 @@ class Trainer:
 
     def save(self, metrics: dict[str, Any] | None = None) -> Path:
         state = {"loader": self.loader.state_dict(), "config": self.cfg.to_dict(), "metrics": metrics or {},
-                 "train_time_s": self.train_time}
+                 "train_time_s": self.train_time, "tokens_seen": self.tokens_seen}
         return run_state.save(self.ckpt_root, self.step, self.model, self.optimizer, state,
                               tokenizer_dir=self.tokenizer_dir, keep=self.cfg.train.keep_checkpoints,
                               world=self.world, plain=self._plain_state, files=self._checkpoint_files())
@@ -392,19 +394,22 @@ class Trainer:
             with contextlib.suppress(ValueError):  # not the main thread: no handlers
                 signal.signal(s, request_stop)
         try:
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_tokens = time.perf_counter(), 0
             while self.step < t.steps and not self._stop_requested:
                 step_start = time.perf_counter()
                 log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
                 metrics = self.train_step(expert_metrics=log_now)
                 self.train_time += time.perf_counter() - step_start
-                window_steps += 1
+                # a step of varying size (RL: the answers it trained on) reports its own token count
+                step_tokens = metrics.pop("step_tokens", tokens_per_step)
+                window_tokens += step_tokens
+                self.tokens_seen += step_tokens
                 if log_now:
                     elapsed = time.perf_counter() - window_start
-                    metrics["tokens_per_s"] = window_steps * tokens_per_step / elapsed
-                    metrics["tokens"] = self.step * tokens_per_step
+                    metrics["tokens_per_s"] = window_tokens / elapsed
+                    metrics["tokens"] = self.tokens_seen
                     metrics["train_time_s"] = self.train_time
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_tokens = time.perf_counter(), 0
                     log.write(self.step, metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                                     lr=f"{metrics['lr']:.2e}")
