@@ -164,28 +164,38 @@ def test_train_two_ranks_with_torchao_fp8(tmp_path):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
-@pytest.mark.parametrize("method", ["sft", "dpo"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "rl"])
 def test_post_training_two_ranks_equals_one_process(base, tmp_path, method):
-    """herd sft (full, FSDP2 + expert parallelism) and herd dpo (LoRA under FSDP2) on two ranks give the
-    single-process losses; the adapter is gathered and exported."""
+    """herd sft (full, FSDP2 + expert parallelism), herd dpo (LoRA under FSDP2) and herd rl (full, FSDP2 + EP,
+    asynchronous rollouts: every rank runs the same engine) on two ranks give the single-process losses; the
+    adapter is gathered and exported."""
     data = tmp_path / "data.jsonl"
     words = "apple bread candle dragon eagle forest garden harbor".split()
     if method == "sft":
         records = [{"messages": [{"role": "user", "content": f"After {w}?"}, {"role": "assistant", "content": v}]}
                    for w, v in zip(words, words[1:] + words[:1])]
-    else:
+    elif method == "dpo":
         records = [{"prompt": f"About {w}?", "chosen": f" I think {w} is fine.", "rejected": f" {w}."} for w in words]
+    else:  # a toy task: one token with a "u" in it
+        records = [{"prompt": f"Say a word like {w}.", "answer": "u"} for w in words]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    common = [method, str(base), str(data), "--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--data.seq_len",
-              "64", "--optim.schedule", "constant", "--train.log_every", "1", "--train.tensorboard", "false",
-              "--no-progress", *([] if method == "sft" else ["--lora", "4"])]
-    ep = ["--train.ep", "2"] if method == "sft" else []
+    if method == "rl":  # no balancing loss: a per-rank statistic, it alone differs between the layouts
+        common = ["rl", str(base), "--tasks", f"{data}:matcher=regex", "--steps", "3", "--lr", "1e-2",
+                  "--rl.max_new_tokens", "1", "--rl.filter", "false", "--rl.heldout", "4", "--rl.prompts_per_step", "4",
+                  "--train.aux_loss_coef", "0", "--optim.schedule", "constant", "--train.tensorboard", "false",
+                  "--no-progress"]
+    else:
+        common = [method, str(base), str(data), "--steps", "3", "--batch-size", "4", "--lr", "1e-3",
+                  "--data.seq_len", "64", "--optim.schedule", "constant", "--train.log_every", "1",
+                  "--train.tensorboard", "false", "--no-progress", *([] if method == "sft" else ["--lora", "4"])]
+    ep = ["--train.ep", "2"] if method != "dpo" else []
     subprocess.run([sys.executable, "-m", "herd.cli", *common, *ep, "--out", str(tmp_path / "two"), "--nproc", "2",
                     "--train.threads", "1"], check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
     subprocess.run([sys.executable, "-m", "herd.cli", *common, "--out", str(tmp_path / "one")], check=True,
                    env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
     one, two = _run_losses(tmp_path / "one"), _run_losses(tmp_path / "two")
-    assert sorted(two) == [1, 2, 3] and [two[s] for s in two] == pytest.approx([one[s] for s in two], rel=1e-4)
+    assert sorted(two) == [1, 2, 3] and [two[s] for s in two] == pytest.approx([one[s] for s in two], rel=1e-4,
+                                                                              abs=1e-5 if method == "rl" else 0)
     assert (tmp_path / "two" / "config.json").is_file()
     if method == "dpo":
         assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()

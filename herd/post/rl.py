@@ -358,7 +358,8 @@ class RLTrainer(SFTTrainer):
 
     def _policy_state(self) -> dict[str, torch.Tensor]:
         """The policy as a plain model's full state dict (LoRA folded in), copied: the rollout weights."""
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # every rank runs its own rollout engine, so every rank needs the full weights (cpu_offload: rank 0 only)
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
         return {k: v.detach().clone() for k, v in self._plain_state(full).items()}
 
     def train_step(self, expert_metrics: bool = True) -> dict[str, Any]:
