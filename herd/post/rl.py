@@ -114,9 +114,9 @@ def rl_config(model_dir, tasks: list[str], out, group_size: int | None = None, *
 
 
 class Rollouts:
-    """The RL data source, the trainer's ``loader``: rounds of filtered prompts, groups of sampled answers, and
-    the batches built from them. ``llm`` (herd.api.LLM on the rollout copy of the policy) is attached by the
-    trainer once the policy exists."""
+    """The RL data source behind the trainer's loader (herd.post.rollout_pipeline): rounds of filtered prompts,
+    groups of sampled answers, and the batches built from them. ``llm`` (herd.api.LLM on the rollout copy of the
+    policy) is attached by the trainer once the policy exists; the pipeline sets its weights before each batch."""
 
     def __init__(self, spec: RLSpec, seed: int, max_len: int, scale_rewards: str = "group"):
         self.spec, self.seed, self.max_len, self.scale_rewards = spec, seed, max_len, scale_rewards
