@@ -71,7 +71,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import append_results  # noqa: E402
-from sft import Contention, _peak_gb, _rss_gb, machine, versions  # noqa: E402
+from sft import Contention, _peak_gb, _rss_gb, machine, make_model_dir, versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PICO = ROOT / "models" / "herd-pico"
@@ -93,35 +93,6 @@ _WORDS = ("apple bread candle dragon eagle forest garden harbor island jungle ke
 
 
 # -- inputs -------------------------------------------------------------------------------------------------------
-def model_config(shape: str):
-    from herd.config import preset
-    from herd.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(PICO / "tokenizer.model")
-    return preset("tiny").replace(**SHAPES[shape], top_k=1, vocab_size=tok.vocab_size, attention_chunk_size=8192,
-                                  floor_scale=8192, max_seq_len=4096, bos_token_id=tok.bos_id,
-                                  eos_token_id=(tok.eos_id, tok.eom_id, tok.eot_id), pad_token_id=tok.pad_id)
-
-
-def make_model_dir(shape: str) -> Path:
-    """benchmarks/.cache/rl/model-<shape>: the random model (seed 0) as an HF directory + herd-pico's tokenizer."""
-    from herd import checkpoint
-    from herd.model import Transformer
-
-    d = CACHE / f"model-{shape}"
-    if (d / "config.json").is_file() and (d / "tokenizer.json").is_file():
-        return d
-    tmp = CACHE / f".model-{shape}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    torch.manual_seed(0)
-    checkpoint.save(Transformer(model_config(shape)), tmp)
-    for f in PICO.glob("tokenizer*"):
-        shutil.copy(f, tmp / f.name)
-    shutil.rmtree(d, ignore_errors=True)
-    tmp.rename(d)
-    return d
-
-
 def make_task() -> Path:
     """benchmarks/.cache/rl/letters.jsonl: one record per word; the answer is the word."""
     path = CACHE / "letters.jsonl"
@@ -454,7 +425,7 @@ def main() -> None:
         notes.append("herd-async not measured: herd.post.rl has no asynchronous rollouts (no rl.*lag* setting) yet")
         print("note:", notes[-1], file=sys.stderr)
     shape = "quick" if a.quick else "default"
-    model_dir, task = make_model_dir(shape), make_task()
+    model_dir, task = make_model_dir(CACHE, shape, SHAPES[shape]), make_task()
     load0 = load_average()
     busy = load0 > 1.5
     print(f"load average at start: {load0:.2f}{'  (machine busy)' if busy else ''}", flush=True)

@@ -71,25 +71,26 @@ SHAPES = {"default": dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=2, head_dim
 
 
 # -- inputs -------------------------------------------------------------------------------------------------------
-def model_config(shape: str):
+def model_config(shape: dict):
     from herd.config import preset
     from herd.tokenizer import Tokenizer
 
     tok = Tokenizer.load(PICO / "tokenizer.model")
-    return preset("tiny").replace(**SHAPES[shape], top_k=1, vocab_size=tok.vocab_size, attention_chunk_size=8192,
+    return preset("tiny").replace(**shape, top_k=1, vocab_size=tok.vocab_size, attention_chunk_size=8192,
                                   floor_scale=8192, max_seq_len=4096, bos_token_id=tok.bos_id,
                                   eos_token_id=(tok.eos_id, tok.eom_id, tok.eot_id), pad_token_id=tok.pad_id)
 
 
-def make_model_dir(shape: str) -> Path:
-    """benchmarks/.cache/sft/model-<shape>: the random model (seed 0) as an HF directory + herd-pico's tokenizer."""
+def make_model_dir(cache: Path, name: str, shape: dict) -> Path:
+    """cache/model-<name>: the random model of ``shape`` (seed 0) as an HF directory + herd-pico's tokenizer (the
+    RL benchmark's too)."""
     from herd import checkpoint
     from herd.model import Transformer
 
-    d = CACHE / f"model-{shape}"
+    d = cache / f"model-{name}"
     if (d / "config.json").is_file() and (d / "tokenizer.json").is_file():
         return d
-    tmp = CACHE / f".model-{shape}.tmp"
+    tmp = cache / f".model-{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(0)
     checkpoint.save(Transformer(model_config(shape)), tmp)
@@ -389,7 +390,7 @@ def main() -> None:
         impls = [i for i in impls if i.startswith("trl")]
         print("note: herd's trainer is CPU-only (herd.train.trainer); running the TRL rows only", file=sys.stderr)
     shape = "quick" if a.quick else "default"
-    model_dir, data = make_model_dir(shape), make_chats(a.chats)
+    model_dir, data = make_model_dir(CACHE, shape, SHAPES[shape]), make_chats(a.chats)
     load0 = load_average()
     busy = load0 > 1.5
     print(f"load average at start: {load0:.2f}{'  (machine busy)' if busy else ''}", flush=True)
