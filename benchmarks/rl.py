@@ -71,7 +71,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import append_results  # noqa: E402
-from sft import Contention, _peak_gb, _rss_gb, machine, make_model_dir, versions  # noqa: E402
+from sft import (  # noqa: E402
+    Contention,
+    _param_counts,
+    _peak_gb,
+    _rss_gb,
+    machine,
+    make_model_dir,
+    versions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PICO = ROOT / "models" / "herd-pico"
@@ -554,18 +562,12 @@ def render(a, rows, model_dir: Path, load0: float, others: float, busy: bool, pr
                      f"{r['trained'] / r['steps']:.0f} | {r['peak_gb']:.2f} | {ratio('peak_gb')} | "
                      f"{_fmt(r['rewards'][0])} → {_fmt(r['rewards'][-1])} |")
     if "herd-async" not in rows:
-        lines.append("| herd-async | — | | | | | | | | | | | | not measured |")  # TODO: a row once herd has it
+        lines.append("| herd-async | — | | | | | | | | | | | | not measured (left out by --impls) |")
     if notes:
         lines += ["", "Notes: " + "; ".join(notes) + "."]
     if problems:
         lines += ["", "Checks failed: " + "; ".join(problems)]
     return "\n".join(lines) + "\n"
-
-
-def _param_counts(model_dir: Path) -> dict[str, int]:
-    from herd.checkpoint.safetensors_io import checkpoint_files, read_tensors
-
-    return {name: t.numel() for name, _, t in read_tensors(checkpoint_files(model_dir))}
 
 
 if __name__ == "__main__":
