@@ -124,8 +124,7 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
             self.step = int(state["step"])
             self.train_time = float(state.get("train_time_s", 0.0))
-            tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum
-            self.tokens_seen = int(state.get("tokens_seen", self.step * tokens_per_step))
+            self.tokens_seen = int(state.get("tokens_seen", self.step * self.tokens_per_step))
         if self.world.main:
             (self.out / "run.toml").write_text(to_toml(cfg.to_dict()))
         self.aux_coef = self.model.cfg.router_aux_loss_coef if t.aux_loss_coef is None else t.aux_loss_coef
@@ -195,6 +194,11 @@ class Trainer:
             raise ConfigError(f"data source {spec.files}: no document left"
                               + (f" of at least min_tokens={spec.min_tokens} tokens" if spec.min_tokens else ""))
         return shards
+
+    @property
+    def tokens_per_step(self) -> int:
+        """The tokens of a step's packed rows (a step of varying size reports its own: ``step_tokens``)."""
+        return self.cfg.data.batch_size * self.cfg.data.seq_len * self.cfg.train.grad_accum
 
     def _data(self) -> None:
         """The training loader (``self.loader``: next_batch, state_dict, load_state_dict) and what evaluation
@@ -376,7 +380,6 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         t = self.cfg.train
-        tokens_per_step = self.cfg.data.batch_size * self.cfg.data.seq_len * t.grad_accum
         main = self.world.main
         log = MetricsLog(self.out, t.tensorboard, enabled=main)
         bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step",
@@ -401,7 +404,7 @@ class Trainer:
                 metrics = self.train_step(expert_metrics=log_now)
                 self.train_time += time.perf_counter() - step_start
                 # a step of varying size (RL: the answers it trained on) reports its own token count
-                step_tokens = metrics.pop("step_tokens", tokens_per_step)
+                step_tokens = metrics.pop("step_tokens", self.tokens_per_step)
                 window_tokens += step_tokens
                 self.tokens_seen += step_tokens
                 if log_now:
