@@ -314,6 +314,41 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
     print(json.dumps(report) if args.json else render(report))
 
 
+def cmd_guard(args: argparse.Namespace) -> None:
+    from herd.safety.guard import Guard
+    from herd.safety.llama_guard import Category, guard_prompt
+
+    messages = []
+    if args.conversation is not None:
+        try:
+            messages = json.loads(args.conversation.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise HerdError(f"--conversation {args.conversation}: {e}") from None
+        if not isinstance(messages, list):
+            raise HerdError(f"--conversation {args.conversation}: a JSON list of messages, got "
+                            f"{type(messages).__name__}")
+    if args.text is not None:
+        messages.append({"role": "assistant" if args.role == "agent" else "user", "content": args.text})
+    if not messages:
+        raise HerdError("give --text (and --role) or --conversation FILE.json")
+    categories = None
+    if args.categories is not None:
+        try:
+            raw = json.loads(args.categories.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise HerdError(f"--categories {args.categories}: {e}") from None
+        categories = raw if isinstance(raw, dict) else [Category(**c) for c in raw]
+    excluded = [c.strip() for c in args.exclude.split(",") if c.strip()] if args.exclude else []
+    if args.prompt_only:
+        print(guard_prompt(messages, args.version, excluded, categories), end="")
+        return
+    verdict = Guard.load(args.guard, dtype=args.dtype, device=args.device, version=args.version,
+                         threshold=args.threshold).moderate(messages, excluded, categories)
+    out = {"safe": verdict.safe, "categories": verdict.categories, "p_unsafe": verdict.score}
+    print(json.dumps(out) if args.json else
+          ("safe" if verdict.safe else f"unsafe {','.join(verdict.categories)}") + f" (p_unsafe {verdict.score:.3f})")
+
+
 def cmd_pairs(args: argparse.Namespace) -> None:
     from herd.eval.tasks import engine_completer
     from herd.infer.sampling import SamplingParams
@@ -663,6 +698,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the counts as one JSON object")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_pairs)
+
+    s = sub.add_parser("guard", help="moderate a message with a Llama Guard model (the official prompt; safe or "
+                       "unsafe + S-codes, P(unsafe))",
+                       epilog='example: herd guard MODEL_DIR --text "How do I pick a lock?" --json   '
+                              '(--prompt-only prints the exact prompt the guard sees)')
+    s.add_argument("guard", help="a Llama Guard model directory")
+    s.add_argument("--text", help="the message to moderate (appended to --conversation as --role)")
+    s.add_argument("--role", choices=("user", "agent"), default="user",
+                   help="user: input moderation; agent: output moderation (needs the user turn: --conversation)")
+    s.add_argument("--conversation", type=Path, help="a JSON list of messages; the last turn is moderated")
+    s.add_argument("--exclude", help="category codes to leave out, comma-separated (S6,S7)")
+    s.add_argument("--categories", type=Path, help="a JSON list of {code, name, description} or {code: name}: "
+                                                   "custom categories instead of S1-S13")
+    s.add_argument("--version", type=int, choices=(3, 4), default=4, help="Llama Guard 3 or 4 prompt (default 4)")
+    s.add_argument("--threshold", type=float, default=0.5, help="unsafe when P(unsafe) >= this (default 0.5)")
+    s.add_argument("--prompt-only", action="store_true", help="print the guard's prompt and stop (no model run)")
+    s.add_argument("--dtype", help="bf16 | fp32 (default: as stored)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true", help='print {"safe", "categories", "p_unsafe"}')
+    s.set_defaults(func=cmd_guard)
 
     s = sub.add_parser("export", help="write a training checkpoint as an HF model directory (generate, transformers)")
     s.add_argument("checkpoint", type=Path, help="a checkpoint (step_*), or a run directory (its latest checkpoint)")
