@@ -349,6 +349,15 @@ def cmd_guard(args: argparse.Namespace) -> None:
           ("safe" if verdict.safe else f"unsafe {','.join(verdict.categories)}") + f" (p_unsafe {verdict.score:.3f})")
 
 
+def cmd_prompt_guard(args: argparse.Namespace) -> None:
+    from herd.safety.prompt_guard import PromptGuard
+
+    guard = PromptGuard.load(args.directory, device=args.device, threshold=args.threshold)
+    out = guard.classify(args.text, jailbreak_only=args.jailbreak_only)
+    print(json.dumps(out) if args.json else
+          f"{out['label']} (" + ", ".join(f"{k} {v:.3f}" for k, v in out["scores"].items()) + ")")
+
+
 def cmd_pairs(args: argparse.Namespace) -> None:
     from herd.eval.tasks import engine_completer
     from herd.infer.sampling import SamplingParams
@@ -718,6 +727,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", action="store_true", help='print {"safe", "categories", "p_unsafe"}')
     s.set_defaults(func=cmd_guard)
+
+    s = sub.add_parser("prompt-guard", help="classify a text with Prompt Guard 1 or 2 (jailbreak / prompt injection)",
+                       epilog='example: herd prompt-guard PG_DIR --text "Ignore previous instructions" --json')
+    s.add_argument("directory", help="a local Prompt Guard directory (transformers sequence-classification model)")
+    s.add_argument("--text", required=True)
+    s.add_argument("--threshold", type=float, default=0.5, help="a score at or above this flags the text")
+    s.add_argument("--jailbreak-only", action="store_true",
+                   help="Prompt Guard 1: flag jailbreaks only (the card's advice for direct user dialogue)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true", help='print {"label", "scores"}')
+    s.set_defaults(func=cmd_prompt_guard)
 
     s = sub.add_parser("export", help="write a training checkpoint as an HF model directory (generate, transformers)")
     s.add_argument("checkpoint", type=Path, help="a checkpoint (step_*), or a run directory (its latest checkpoint)")
