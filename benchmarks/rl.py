@@ -76,6 +76,7 @@ from sft import (  # noqa: E402
     _param_counts,
     _peak_gb,
     _rss_gb,
+    load_average,
     machine,
     make_model_dir,
     versions,
@@ -391,12 +392,6 @@ def measure_one(a) -> dict:
 
 
 # -- the parent ----------------------------------------------------------------------------------------------------
-def load_average() -> float:
-    import os
-
-    return os.getloadavg()[0]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=6, help="timed RL steps per run")

@@ -184,11 +184,14 @@ class Rollouts:
         return out
 
     # -- answers ----------------------------------------------------------------------------------------------
-    def _sample(self, items: list[Item], samples: int, stream: str) -> list[Graded]:
+    def _params(self, stream: str) -> SamplingParams:
+        """Rollout sampling, seeded per purpose (``stream``), with the sampled tokens' log-probs."""
         s = self.spec
-        params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                seed=_seed(self.seed, stream), logprobs=0)
-        complete = engine_completer(self.llm, params)
+        return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                              seed=_seed(self.seed, stream), logprobs=0)
+
+    def _sample(self, items: list[Item], samples: int, stream: str) -> list[Graded]:
+        complete = engine_completer(self.llm, self._params(stream))
         tasks = {"items": _Fixed(items, self.tasks)}
         return grade(complete, tasks, len(items), samples, batch=max(len(items) * samples, 1), progress=False)["items"]
 
@@ -242,9 +245,7 @@ class Rollouts:
         return batch, {"metrics": dict(self.last), "idle": self.idle, "state": self.state_dict()}
 
     def _generate(self, items: list[Item], stream: str) -> list[dict]:
-        s = self.spec
-        params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                seed=_seed(self.seed, stream), logprobs=0)
+        s, params = self.spec, self._params(stream)
         ids, pixels = [], []
         for item in items:
             p, px = self.llm.chat_inputs(item.prompt)
