@@ -130,23 +130,31 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "text_config", ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                                              "expert_hidden_dim", "dense_hidden_dim", "n_experts", "top_k",
-                                              "interleave_moe_layer_step", "nope_layer_interval", "floor_scale"))
+                                              "expert_hidden_dim", "dense_hidden_dim", "nope_layer_interval",
+                                              "floor_scale"))
+        # may be 0 in a dense model (Llama Guard 4: moe_layers [], 0 experts, step 0); MoE layers need >= 1 (below)
+        _check_positive(self, "text_config", ("n_experts", "top_k", "interleave_moe_layer_step"), minimum=0)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"text_config.num_key_value_heads={self.n_kv_heads} does not divide "
                               f"num_attention_heads={self.n_heads}")
-        if self.top_k > self.n_experts:
-            raise ConfigError(f"text_config.num_experts_per_tok={self.top_k} exceeds "
-                              f"num_local_experts={self.n_experts}")
         if self.head_dim % 2:
             raise ConfigError(f"text_config.head_dim={self.head_dim} must be even for RoPE")
         if self.attention_chunk_size is not None and self.attention_chunk_size <= 0:
             raise ConfigError(f"text_config.attention_chunk_size={self.attention_chunk_size} must be positive or null")
-        if self.moe_layers is None:
+        if self.moe_layers is None:  # as HF derives them; step 0 (which HF cannot derive from) means none
             step = self.interleave_moe_layer_step
-            object.__setattr__(self, "moe_layers", tuple(range(step - 1, self.n_layers, step)))
+            object.__setattr__(self, "moe_layers", tuple(range(step - 1, self.n_layers, step)) if step else ())
         else:
             object.__setattr__(self, "moe_layers", tuple(int(i) for i in self.moe_layers))
+        if self.moe_layers:
+            for name in ("n_experts", "top_k"):
+                if getattr(self, name) < 1:
+                    raise ConfigError(f"text_config.{_HF_NAME['text_config', name]}={getattr(self, name)} must be "
+                                      f">= 1 for the MoE layers {list(self.moe_layers)} (a dense model, with no "
+                                      f"MoE layer, has moe_layers: [])")
+            if self.top_k > self.n_experts:
+                raise ConfigError(f"text_config.num_experts_per_tok={self.top_k} exceeds "
+                                  f"num_local_experts={self.n_experts}")
         bad = [i for i in self.moe_layers if not 0 <= i < self.n_layers]
         if bad:
             raise ConfigError(f"text_config.moe_layers has indices {bad} outside [0, {self.n_layers})")
@@ -180,12 +188,13 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check_positive(cfg: Any, section: str, names: tuple[str, ...]) -> None:
+def _check_positive(cfg: Any, section: str, names: tuple[str, ...], minimum: int = 1) -> None:
     for name in names:
         value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             key = _HF_NAME.get((section, name), name)
-            raise ConfigError(f"{section}.{key} must be a positive integer, got {value!r}")
+            kind = "a positive" if minimum == 1 else "a non-negative"
+            raise ConfigError(f"{section}.{key} must be {kind} integer, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -119,7 +119,8 @@ def render(c: Census, title: str) -> str:
     lines = [f"{title}: {cfg.n_layers} layers, width {cfg.dim}, {cfg.n_heads} heads / {cfg.n_kv_heads} KV heads "
              f"x {cfg.head_dim}, vocab {cfg.vocab_size}",
              f"  experts: {cfg.n_experts} routed (top-{cfg.top_k}) + 1 shared, expert FFN {cfg.expert_hidden_dim}, "
-             f"dense FFN {cfg.dense_hidden_dim}",
+             f"dense FFN {cfg.dense_hidden_dim}" if cfg.moe_layers else
+             f"  experts: none (dense: a SwiGLU FFN {cfg.dense_hidden_dim} on every layer)",
              f"  MoE layers: {_ranges(list(cfg.moe_layers))}   dense layers: "
              f"{_ranges([layer['index'] for layer in layers if layer['ffn'] == 'dense'])}",
              f"  NoPE global layers: "

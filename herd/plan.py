@@ -148,7 +148,8 @@ def plan(cfg: ModelConfig, name: str, gpus: int, gpu_mem_gb: float = 80.0, dtype
     notes: list[str] = []
     if not train:
         dense = sum(v for k, v in w.items() if k in _TP_SPLIT) / tp
-        experts = w.get("routed_experts", 0) * math.ceil(cfg.n_experts / ep) / cfg.n_experts  # whole experts per GPU
+        experts = (w.get("routed_experts", 0) * math.ceil(cfg.n_experts / ep) / cfg.n_experts  # whole experts per GPU
+                   if cfg.n_experts else 0.0)
         replicated = sum(v for k, v in w.items() if k not in _TP_SPLIT and k != "routed_experts")
         per_gpu["weights"] = dense + experts + replicated
         per_gpu["kv_cache"] = kv_cache_bytes(cfg, context, batch, tp)
