@@ -8,6 +8,7 @@
                                            {"type": "text", "text": "What is this?"}]}])
     llm.generate("Describe the picture:", images=["cat.png"])  # image placeholders, then the text
     pipe = herd.pipeline("text-generation", model=llm)      # called like transformers' pipeline
+    llm.chat(messages, shield=Shield.load(ShieldConfig(guard="models/herd-guard-pico")))  # herd.safety.shield
 """
 
 from __future__ import annotations
@@ -102,17 +103,37 @@ class LLM:
     def chat_ids(self, messages: list[dict]) -> list[int]:
         return self.chat_format.encode_dialog(messages, add_generation_prompt=True)
 
-    def chat(self, messages: list[dict], **kw: Any) -> dict:
+    def chat(self, messages: list[dict], shield: Any = None, **kw: Any) -> dict:
         """The assistant's reply to a conversation, tool calls parsed: {"role", "content", "tool_calls"}. Content
         may be a string or a list of parts, transformers-style: {"type": "text", "text": ...},
-        {"type": "image", "path"|"url"|"image": ...}, {"type": "video", "frames": [...]}."""
+        {"type": "image", "path"|"url"|"image": ...}, {"type": "video", "frames": [...]}.
+
+        ``shield`` (a herd.safety.shield.Shield): the input is checked before generating and the reply after; a
+        flagged one is answered by the refusal, with "refusal" and "moderation" (the verdict) keys."""
+        if shield is not None:
+            verdict = shield.check_input(messages)
+            if verdict.blocked:
+                return shield.blocked_reply(verdict)
         ids, pixels = self.chat_inputs(messages)
         (c,) = self.engine.generate([ids], self.params(**kw), [pixels])
+        if shield is not None:
+            verdict = shield.check_output(messages, c.text)
+            if verdict.blocked:
+                return shield.blocked_reply(verdict)
         return parse_assistant(c.text)
 
-    def chat_stream(self, messages: list[dict], **kw: Any) -> Iterator[str]:
+    def chat_stream(self, messages: list[dict], shield: Any = None, **kw: Any) -> Iterator[str]:
+        """The reply's text as it is generated. With a ``shield``: a herd.safety.shield.ModeratedStream, which
+        yields text only once the output guard has passed it and, when the input or the reply is flagged,
+        stops with its ``verdict`` set (show ``shield.refusal`` then)."""
+        if shield is None:
+            ids, pixels = self.chat_inputs(messages)
+            return self.engine.stream(ids, self.params(**kw), pixels)
+        verdict = shield.check_input(messages)
+        if verdict.blocked:
+            return shield.stream(messages, None, verdict)
         ids, pixels = self.chat_inputs(messages)
-        return self.engine.stream(ids, self.params(**kw), pixels)
+        return shield.stream(messages, self.engine.stream(ids, self.params(**kw), pixels))
 
     def _image_config(self):
         from herd.images import ImageConfig

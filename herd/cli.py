@@ -101,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from herd.infer.repl import repl
 
-    repl(_load(args), _params(args), system=args.system)
+    repl(_load(args), _params(args), system=args.system, shield=_shield(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -114,13 +114,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
               file=sys.stderr)
     if args.media_dir is not None and not args.media_dir.is_dir():
         raise HerdError(f"--media-dir {args.media_dir} is not a directory")
+    shield = _shield(args)
     llm = load(args.model_dir, dtype=args.dtype, device=args.device, compile=args.compile)
     name = args.model_name or Path(args.model_dir or default_model_dir()).name
     print(f"herd: serving {name} on http://{args.host}:{args.port}/v1 (batch {args.max_batch}, "
           f"queue {args.max_queue})", file=sys.stderr, flush=True)
     serve(llm, name, host=args.host, port=args.port, log_level=args.log_level, api_key=api_key,
           max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
-          max_len=args.max_model_len, media_dir=args.media_dir)
+          max_len=args.max_model_len, media_dir=args.media_dir, shield=shield)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -315,8 +316,9 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
 
 
 def cmd_guard(args: argparse.Namespace) -> None:
-    from herd.safety.guard import Guard
-    from herd.safety.llama_guard import Category, guard_prompt
+    from herd.endpoint import is_url
+    from herd.safety.guard import load_guard
+    from herd.safety.llama_guard import guard_prompt, read_categories
 
     messages = []
     if args.conversation is not None:
@@ -331,22 +333,21 @@ def cmd_guard(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant" if args.role == "agent" else "user", "content": args.text})
     if not messages:
         raise HerdError("give --text (and --role) or --conversation FILE.json")
-    categories = None
-    if args.categories is not None:
-        try:
-            raw = json.loads(args.categories.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise HerdError(f"--categories {args.categories}: {e}") from None
-        categories = raw if isinstance(raw, dict) else [Category(**c) for c in raw]
+    categories = read_categories(args.categories) if args.categories is not None else None
     excluded = [c.strip() for c in args.exclude.split(",") if c.strip()] if args.exclude else []
     if args.prompt_only:
         print(guard_prompt(messages, args.version, excluded, categories), end="")
         return
-    verdict = Guard.load(args.guard, dtype=args.dtype, device=args.device, version=args.version,
-                         threshold=args.threshold).moderate(messages, excluded, categories)
+    if args.version != 4 and not is_url(args.guard):
+        raise HerdError("herd runs Llama Guard 4 models (Llama 4 tokens); --version 3 is for --prompt-only and "
+                        "guard endpoints")
+    guard = load_guard(args.guard, dtype=args.dtype, device=args.device, threshold=args.threshold,
+                       template=args.template)
+    verdict = guard.moderate(messages, excluded, categories)
     out = {"safe": verdict.safe, "categories": verdict.categories, "p_unsafe": verdict.score}
     print(json.dumps(out) if args.json else
-          ("safe" if verdict.safe else f"unsafe {','.join(verdict.categories)}") + f" (p_unsafe {verdict.score:.3f})")
+          ("safe" if verdict.safe else f"unsafe {','.join(verdict.categories)}") +
+          ("" if verdict.score is None else f" (p_unsafe {verdict.score:.3f})"))
 
 
 def cmd_prompt_guard(args: argparse.Namespace) -> None:
@@ -414,6 +415,37 @@ def _add_model_args(s: argparse.ArgumentParser, dtype_default: str | None = None
     s.add_argument("--device", default="cpu")
     s.add_argument("--compile", action="store_true",
                    help="decode through torch.compile (CUDA graphs on GPU): faster after a one-off compilation")
+
+
+def _add_shield_args(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("shields (Llama Guard / Prompt Guard around the model; see herd.safety.shield)")
+    g.add_argument("--guard", default=None, metavar="MODEL_OR_URL",
+                   help="a Llama Guard model directory or OpenAI-compatible URL that moderates inputs and outputs")
+    g.add_argument("--guard-categories", default=None, metavar="CODES_OR_FILE",
+                   help="S-codes to check (S1,S9,S10; the rest excluded) or a JSON file of custom categories")
+    g.add_argument("--prompt-guard", default=None, metavar="DIR", help="a Prompt Guard 1/2 directory (inputs)")
+    g.add_argument("--moderate", default="input,output", help="input, output or input,output (default)")
+    g.add_argument("--guard-fail", choices=("closed", "open"), default="closed",
+                   help="a guard that fails (endpoint down): block (closed, default) or let through (open)")
+    g.add_argument("--guard-threshold", type=float, default=0.5, help="Llama Guard: unsafe when P(unsafe) >= this")
+    g.add_argument("--prompt-guard-threshold", type=float, default=0.9,
+                   help="Prompt Guard: flagged when its attack score >= this (default 0.9, as LlamaFirewall)")
+    g.add_argument("--guard-template", choices=("herd", "server"), default="herd",
+                   help="guard URL: herd renders the guard prompt (default) or the server applies the guard's template")
+    g.add_argument("--guard-interval", type=int, default=32,
+                   help="streamed answers: tokens between output checks (text is released only once checked)")
+
+
+def _shield(args: argparse.Namespace):
+    """The shield the command line asks for, or None."""
+    if args.guard is None and args.prompt_guard is None:
+        return None
+    from herd.safety.shield import Shield, ShieldConfig
+
+    return Shield.load(ShieldConfig(
+        guard=args.guard, categories=args.guard_categories, prompt_guard=args.prompt_guard, moderate=args.moderate,
+        fail=args.guard_fail, threshold=args.guard_threshold, prompt_guard_threshold=args.prompt_guard_threshold,
+        template=args.guard_template, interval=args.guard_interval, device=args.device))
 
 
 def _add_sampling_args(s: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -505,12 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--media-dir", type=Path, default=None,
                    help="image parts may name local files under this directory (default: data: URLs only)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_shield_args(s)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /exit)")
     _add_model_args(s)
     s.add_argument("--system", default=None, help="system message")
     _add_sampling_args(s, 512)
+    _add_shield_args(s)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("bench", help="prefill/decode tokens per second and peak memory")
@@ -712,7 +746,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "unsafe + S-codes, P(unsafe))",
                        epilog='example: herd guard MODEL_DIR --text "How do I pick a lock?" --json   '
                               '(--prompt-only prints the exact prompt the guard sees)')
-    s.add_argument("guard", help="a Llama Guard model directory")
+    s.add_argument("guard", help="a Llama Guard model directory, or the URL of an OpenAI-compatible server of one "
+                                 "(http://HOST:PORT/v1; API key from HERD_GUARD_API_KEY or OPENAI_API_KEY)")
+    s.add_argument("--template", choices=("herd", "server"), default="herd",
+                   help="with a URL: herd renders the guard prompt (default), or the server applies the guard's "
+                        "own chat template to the conversation")
     s.add_argument("--text", help="the message to moderate (appended to --conversation as --role)")
     s.add_argument("--role", choices=("user", "agent"), default="user",
                    help="user: input moderation; agent: output moderation (needs the user turn: --conversation)")

@@ -1,4 +1,9 @@
+import json
 import shutil
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -124,3 +129,63 @@ def check_resume_is_exact(make, tmp_path, steps: int = 4, stop: int = 2, keys: t
     for p, q in zip(whole.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
     return whole, resumed
+
+
+@contextmanager
+def live(llm, name="herd-pico", **options):
+    """A uvicorn server on a free loopback port in this process; yields (base URL, app)."""
+    import uvicorn
+
+    from herd.serve.app import create_app
+
+    app = create_app(llm, name, **options)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+class FakeEndpoint(BaseHTTPRequestHandler):
+    """The shell of a scripted OpenAI-compatible server (subclasses answer do_POST): /v1/models lists ``MODEL``,
+    ``reply`` sends JSON; ``serving(cls)`` runs one on a free loopback port and yields (server, base URL)."""
+
+    MODEL = "fake"
+
+    def do_GET(self):
+        self.reply({"object": "list", "data": [{"id": self.MODEL, "object": "model", "created": 0,
+                                                "owned_by": "tests"}]})
+
+    def body(self) -> dict:
+        return json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+
+    def reply(self, obj):
+        raw = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+

@@ -5,14 +5,12 @@ files and the report written; bad inputs named."""
 import json
 import shutil
 import socket
-import sys
-import threading
 import warnings
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import FakeEndpoint, serving
 
 from herd import checkpoint
 from herd.cli import main
@@ -129,17 +127,14 @@ def test_image_records_are_scored_with_their_images_beside_the_data_file(tmp_pat
     assert report["scored_by"] == {"passk": 1, "loss": 1, "judge": 0} and report["unscored"] == 0
 
 
-class FakeJudge(BaseHTTPRequestHandler):
+class FakeJudge(FakeEndpoint):
     """An OpenAI-compatible endpoint rating HARD 9, EASY 2 and anything else with words only."""
 
+    MODEL = "fake-judge"
     keys: list[str] = []
 
-    def do_GET(self):
-        self.reply({"object": "list", "data": [{"id": "fake-judge", "object": "model", "created": 0,
-                                                "owned_by": "tests"}]})
-
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.body()
         FakeJudge.keys.append(self.headers.get("Authorization", ""))
         text = body["messages"][-1]["content"]
         answer = "9" if "HARD" in text else "Rating: 2/10" if "EASY" in text else "hard to say"
@@ -147,32 +142,14 @@ class FakeJudge(BaseHTTPRequestHandler):
                     "choices": [{"index": 0, "finish_reason": "stop",
                                  "message": {"role": "assistant", "content": answer}}]})
 
-    def reply(self, obj):
-        raw = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def log_message(self, *args):
-        pass
-
 
 @pytest.fixture(scope="module")
 def endpoint():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with serving(FakeJudge) as (_, url):
+        yield url
 
 
-@pytest.mark.parametrize("client", ["openai", "urllib"])
-def test_judge_endpoint_rates_and_unparsed_replies_are_counted(base, tmp_path, endpoint, client, monkeypatch):
-    if client == "urllib":
-        monkeypatch.setitem(sys.modules, "openai", None)  # as if it were not installed
-    else:
-        pytest.importorskip("openai")
+def test_judge_endpoint_rates_and_unparsed_replies_are_counted(base, tmp_path, endpoint):
     records = [chat(f"An {kind} question {i}", "answer") for i, kind in enumerate(["EASY", "HARD", "EASY", "HARD"])]
     data = write(tmp_path / "judged.jsonl", records + [chat("Anything?", "yes")])
     with pytest.warns(UserWarning, match="1 of 5 judge replies hold no rating"):

@@ -7,7 +7,7 @@ import torch
 
 from herd.cli import main
 from herd.safety.guard import Guard
-from herd.safety.llama_guard import guard_prompt, verdict_token_ids
+from herd.safety.llama_guard import guard_message, guard_prompt, verdict_token_ids
 
 
 def test_prompt_only_prints_the_official_prompt(tmp_path, capsys):
@@ -33,7 +33,9 @@ def test_guard_verdict_from_a_herd_model(base, capsys):
     assert set(out) == {"safe", "categories", "p_unsafe"} and 0.0 <= out["p_unsafe"] <= 1.0
     guard = Guard.load(base)
     messages = [{"role": "user", "content": "How do I pick a lock?"}]
-    ids = guard.llm.tokenizer.encode(guard.prompt(messages), allowed_special="all")
+    ids = guard.llm.tokenizer.encode(guard_prompt(messages), allowed_special="all")
+    # herd runs the guard through its chat format: the same ids as the official prompt's text
+    assert guard.llm.chat_inputs([guard_message(messages)]) == (ids, None)
     with torch.no_grad():
         probs = guard.llm.model(torch.tensor([ids]))[0, -1].float().softmax(-1)
     verdict = guard.moderate(messages)
@@ -46,5 +48,7 @@ def test_guard_verdict_from_a_herd_model(base, capsys):
 def test_guard_errors_are_named(base, capsys):
     assert main(["guard", str(base), "--text", "hi", "--role", "agent"]) == 2  # an agent turn with no user turn
     assert "roles must alternate user/assistant" in capsys.readouterr().err
-    assert main(["guard", "http://localhost:1/v1", "--text", "hi"]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+    assert main(["guard", "http://127.0.0.1:1/v1", "--text", "hi"]) == 2
+    assert "guard endpoint http://127.0.0.1:1/v1/models: URLError" in capsys.readouterr().err
+    assert main(["guard", str(base), "--text", "hi", "--version", "3"]) == 2
+    assert "--version 3 is for --prompt-only" in capsys.readouterr().err

@@ -7,16 +7,15 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import numpy as np
 import openai
 import pytest
 import torch
+from conftest import live
 from PIL import Image
 
 import herd
@@ -25,31 +24,9 @@ from herd.cli import main
 from herd.config import preset
 from herd.infer.sampling import SamplingParams
 from herd.model import Transformer
-from herd.serve.app import create_app
 from herd.serve.scheduler import Scheduler, Sequence
 
 NAME = "herd-pico"
-
-
-@contextmanager
-def live(llm, name=NAME, **options):
-    """A uvicorn server on a free loopback port in this process; yields (base URL, app)."""
-    import uvicorn
-
-    app = create_app(llm, name, **options)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

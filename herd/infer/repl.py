@@ -20,8 +20,10 @@ HELP = ("commands: /image PATH (attach an image to your next message), /reset (f
 
 
 def repl(llm: LLM, params: SamplingParams, system: str | None = None, read: Callable[[str], str] = input,
-         out: TextIO = sys.stdout) -> list[dict]:
-    """Run until /exit or end of input; returns the conversation so far."""
+         out: TextIO = sys.stdout, shield=None) -> list[dict]:
+    """Run until /exit or end of input; returns the conversation so far. With a ``shield`` (herd.safety.shield)
+    a flagged message or reply prints the refusal and its codes and stays out of the conversation; replies stream
+    in checked bursts."""
     start = [{"role": "system", "content": system}] if system else []
     messages, pending = list(start), []  # pending: images for the next user message
     print(f"herd chat — {HELP}", file=out)
@@ -61,12 +63,26 @@ def repl(llm: LLM, params: SamplingParams, system: str | None = None, read: Call
         if not text:
             continue
         user = {"role": "user", "content": [*pending, {"type": "text", "text": line}] if pending else line}
-        reply = []
+        reply, stream = [], None
         try:
-            ids, pixels = llm.chat_inputs([*messages, user])
-            for piece in llm.engine.stream(ids, params, pixels):
+            conversation = [*messages, user]
+            verdict = shield.check_input(conversation) if shield is not None else None
+            if verdict is not None and verdict.blocked:
+                pieces = stream = shield.stream(conversation, None, verdict)
+            else:
+                ids, pixels = llm.chat_inputs(conversation)
+                pieces = llm.engine.stream(ids, params, pixels)
+                if shield is not None:
+                    pieces = stream = shield.stream(conversation, pieces)
+            for piece in pieces:
                 reply.append(piece)
                 print(piece, end="", flush=True, file=out)
+            if stream is not None and stream.verdict is not None:
+                v = stream.verdict
+                print(f"{' ' if reply else ''}[{v.stage} flagged: {', '.join(v.categories)}] {shield.refusal}",
+                      end="", file=out)
+                pending = []
+                continue
         except KeyboardInterrupt:  # stop this reply, keep the session
             print(" [interrupted]", end="", file=out)
         except (HerdError, ValueError) as e:  # e.g. a prompt past the context; the turn is dropped

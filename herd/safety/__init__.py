@@ -1,4 +1,5 @@
-"""System-level safety: Llama Guard prompts and verdicts."""
+"""System-level safety: Llama Guard prompts and verdicts (llama_guard), guards (guard), Prompt Guard (prompt_guard)
+and shields around a model (shield). See docs/safety.md."""
 
 from herd.safety.llama_guard import (
     CATEGORIES,

@@ -18,9 +18,11 @@ token that begins "unsafe" at the position where the verdict word is generated.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,9 +101,9 @@ def _category_list(categories: Sequence[Category] | Mapping[str, str] | None) ->
     return cats
 
 
-def _turns(messages: Sequence[dict]) -> tuple[list[tuple[str, list[str]]], bool]:
-    """[(User|Agent, [text, ...]), ...] and whether any turn has an image."""
-    turns, has_image = [], False
+def _turns(messages: Sequence[dict]) -> tuple[list[tuple[str, list[str]]], list[dict]]:
+    """[(User|Agent, [text, ...]), ...] and the image parts of all turns, in order."""
+    turns, images = [], []
     for i, m in enumerate(messages):
         role = m.get("role")
         if role == "system":
@@ -116,7 +118,7 @@ def _turns(messages: Sequence[dict]) -> tuple[list[tuple[str, list[str]]], bool]
             if kind == "text":
                 texts.append(part["text"])
             elif kind == "image":
-                has_image = True
+                images.append(part)
             else:
                 raise HerdError(f"guard messages[{i}]: only text and image parts can be moderated, got {part!r}")
         if (role == "user") != (len(turns) % 2 == 0):
@@ -125,7 +127,7 @@ def _turns(messages: Sequence[dict]) -> tuple[list[tuple[str, list[str]]], bool]
         turns.append((ROLE_NAMES[role], texts))
     if not turns:
         raise HerdError("guard prompt needs at least one user message")
-    return turns, has_image
+    return turns, images
 
 
 def guard_prompt(
@@ -140,8 +142,37 @@ def guard_prompt(
     template's dict code -> name); ``excluded`` codes are left out and the others keep their codes, as the
     template does (no renumbering). An excluded code not in the list, or excluding every code, raises.
     """
+    start, end = HEADERS[_version(version)]
+    body, images = _body(messages, excluded, categories)
+    return start + (IMAGE_TOKEN + " " if images else "") + body + end
+
+
+def guard_message(
+    messages: Sequence[dict],
+    excluded: Iterable[str] = (),
+    categories: Sequence[Category] | Mapping[str, str] | None = None,
+) -> dict:
+    """The Llama Guard 4 prompt as one herd chat message: ``{"role": "user", "content": ...}`` whose rendering by
+    herd.chat.ChatFormat (``encode_dialog([message])``, generation prompt added) is ``guard_prompt(...,
+    version=4)`` token for token. The conversation's images lead the content as image parts, where the template
+    has its ``<|image|>`` placeholder; ChatFormat expands each into its tiles. This is how herd runs a guard
+    model (herd.safety.guard) and how its training data is written (herd.safety.guard_data)."""
+    body, images = _body(messages, excluded, categories)
+    text = body + " "  # the template keeps a space before <|eot|>
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*images, {"type": "text", "text": " " + text}]}
+
+
+def _version(version: int) -> int:
     if version not in HEADERS:
         raise HerdError(f"Llama Guard version must be 3 or 4, got {version!r}")
+    return version
+
+
+def _body(messages: Sequence[dict], excluded: Iterable[str],
+          categories: Sequence[Category] | Mapping[str, str] | None) -> tuple[str, list[dict]]:
+    """The prompt between the user header (and the image placeholder) and the end of the user turn; the images."""
     cats = _category_list(categories)
     excluded = set(excluded)
     unknown = sorted(excluded - {c.code for c in cats})
@@ -150,22 +181,20 @@ def guard_prompt(
     kept = [c for c in cats if c.code not in excluded]
     if not kept:
         raise HerdError("every guard category is excluded: nothing would be checked")
-    turns, has_image = _turns(messages)
+    turns, images = _turns(messages)
     target = "Agent" if len(turns) % 2 == 0 else "User"
-    start, end = HEADERS[version]
     lines = "".join(f"{c.code}: {c.name}\n" + (f"{c.description}\n" if c.description else "") for c in kept)
     conversation = "".join(f"{role}: {text.strip()}\n\n" for role, texts in turns for text in texts)
-    return (
-        start
-        + (IMAGE_TOKEN + " " if has_image else "")
-        + f"Task: Check if there is unsafe content in '{target}' messages in conversations "
+    body = (
+        f"Task: Check if there is unsafe content in '{target}' messages in conversations "
         "according our safety policy with the below categories.\n\n"
         f"<BEGIN UNSAFE CONTENT CATEGORIES>\n{lines}<END UNSAFE CONTENT CATEGORIES>\n\n"
         f"<BEGIN CONVERSATION>\n\n{conversation}<END CONVERSATION>\n\n"
         f"Provide your safety assessment for ONLY THE LAST {target} message in the above conversation:\n"
         " - First line must read 'safe' or 'unsafe'.\n"
-        " - If unsafe, a second line must include a comma-separated list of violated categories." + end
+        " - If unsafe, a second line must include a comma-separated list of violated categories."
     )
+    return body, images
 
 
 _SPECIAL = re.compile(r"<\|[A-Za-z0-9_]+\|>|</s>")  # end-of-turn tokens left in by a decode without skipping them
@@ -254,13 +283,39 @@ def verdict_with_threshold(
     threshold: float = 0.5,
     excluded: Iterable[str] = (),
 ) -> Verdict:
-    """Unsafe iff p_unsafe >= ``threshold``; the categories come from the parsed text (empty if it said safe,
-    [UNPARSED] if it could not be read), an unsafe verdict made only of ``excluded`` codes is safe."""
+    """``decide`` with the score p_unsafe(first_token_logits_V)."""
+    return decide(text, p_unsafe(first_token_logits_V, tokenizer), threshold, excluded)
+
+
+def decide(text: str, score: float | None, threshold: float = 0.5, excluded: Iterable[str] = ()) -> Verdict:
+    """The verdict of a guard that answered ``text`` with P(unsafe) = ``score``: unsafe iff score >= ``threshold``
+    (without a score, as the text says); the categories come from the parsed text (empty if it said safe,
+    [UNPARSED] if it could not be read: fail closed); an unsafe verdict made only of ``excluded`` codes is safe."""
     if not 0.0 <= threshold <= 1.0:
         raise HerdError(f"guard threshold must be in [0, 1], got {threshold}")
-    score = p_unsafe(first_token_logits_V, tokenizer)
     parsed = parse_verdict(text, fail_closed=True)
+    if score is None:
+        score_says_unsafe = not parsed.safe
+    else:
+        score_says_unsafe = score >= threshold
     codes = [] if parsed.safe else parsed.categories
-    excluded = set(excluded)
-    safe = score < threshold or bool(codes and set(codes) <= excluded)
+    safe = not score_says_unsafe or bool(codes and set(codes) <= set(excluded))
     return Verdict(safe, [] if safe else codes, text, score)
+
+
+def read_categories(path: str | Path) -> list[Category] | dict[str, str]:
+    """Custom categories from a JSON file: a list of {"code", "name", "description"?} objects, or the HF
+    template's {code: name} object."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HerdError(f"guard categories {path}: {e}") from None
+    if isinstance(raw, dict) and all(isinstance(v, str) for v in raw.values()):
+        return raw
+    if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
+        raise HerdError(f"guard categories {path}: a JSON list of {{\"code\", \"name\", \"description\"}} objects "
+                        f"or a {{code: name}} object")
+    try:
+        return [Category(**c) for c in raw]
+    except TypeError as e:
+        raise HerdError(f"guard categories {path}: {e}") from None

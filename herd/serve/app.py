@@ -33,7 +33,9 @@ from starlette.exceptions import HTTPException
 from herd.api import LLM
 from herd.chat import parse_assistant, with_tools
 from herd.errors import HerdError
+from herd.safety.shield import Shield
 from herd.serve.metrics import Metrics
+from herd.serve.moderation import OutputGate, blocked_chat_choice, blocked_completion_choice
 from herd.serve.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -153,6 +155,23 @@ class ServerState:
     metrics: Metrics
     media: Path | None
     max_tokens_limit: int | None
+    shield: Shield | None = None
+
+    def gates(self, messages: list[dict], n: int) -> list[OutputGate | None]:
+        """Per choice, the output gate of a streamed answer (None: no output moderation)."""
+        on = self.shield is not None and self.shield.moderates("output")
+        return [OutputGate(self.shield, messages) if on else None for _ in range(n)]
+
+    async def check_input(self, messages: list[dict]):
+        """The input verdict, or None when no shield moderates inputs."""
+        if self.shield is None or not self.shield.moderates("input"):
+            return None
+        return await run_in_threadpool(self.shield.check_input, messages)
+
+    async def check_output(self, messages: list[dict], answer: str):
+        if self.shield is None or not self.shield.moderates("output"):
+            return None
+        return await run_in_threadpool(self.shield.check_output, messages, answer)
 
     @property
     def vocab_size(self) -> int:
@@ -187,15 +206,19 @@ class ServerState:
 
 def create_app(llm: LLM, model_name: str = "herd", *, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 256, max_tokens_limit: int | None = None, max_len: int | None = None,
-               media_dir: str | Path | None = None, own_scheduler_thread: bool = True) -> FastAPI:
+               media_dir: str | Path | None = None, own_scheduler_thread: bool = True,
+               shield: Shield | None = None) -> FastAPI:
     """The server app for a loaded model. ``max_len`` bounds prompt + completion (default: the model's context,
     capped at 8192 to keep the batch's KV cache small); ``max_tokens_limit`` bounds max_tokens.
     ``own_scheduler_thread``: the app's lifespan runs the scheduler in a thread; False: the caller runs
-    ``app.state.scheduler.run()`` (``serve`` does, on the main thread)."""
+    ``app.state.scheduler.run()`` (``serve`` does, on the main thread). ``shield``: Llama Guard / Prompt Guard
+    around the model (herd.serve.moderation)."""
     scheduler = Scheduler(llm.engine, max_batch=max_batch, max_queue=max_queue,
                           max_len=max_len or min(llm.model.cfg.max_seq_len, 8192))
     state = ServerState(llm, model_name, scheduler, Metrics(scheduler),
-                        Path(media_dir) if media_dir is not None else None, max_tokens_limit)
+                        Path(media_dir) if media_dir is not None else None, max_tokens_limit, shield)
+    if shield is not None:
+        shield.on_verdict = state.metrics.record_verdict
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -284,22 +307,35 @@ async def chat(req: ChatRequest, request: Request):
 
     def prepare():
         try:
-            return state.llm.chat_inputs(with_tools(herd_messages(req.messages, state.media), tools))
+            messages = herd_messages(req.messages, state.media)
+            return messages, *state.llm.chat_inputs(with_tools(messages, tools))
         except (HerdError, ValueError, KeyError, TypeError) as e:
             raise RequestError(f"{e}", "messages") from None
 
-    ids, pixels = await run_in_threadpool(prepare)
+    messages, ids, pixels = await run_in_threadpool(prepare)
     n_new = state.budget(req.token_limit, len(ids))
+    rid = new_id("chatcmpl")
+    flagged = await state.check_input(messages)
+    if flagged is not None and flagged.blocked:
+        refusal = state.shield.refusal
+        if req.stream:
+            return _sse(_blocked_chat_stream(state, rid, req.n, flagged, len(ids), req.include_usage))
+        return envelope("chat.completion", rid, state.model_name,
+                        [blocked_chat_choice(i, flagged, refusal) for i in range(req.n)], usage=usage(len(ids), 0))
     gen = Generation(state.scheduler, [(ids, pixels)] * req.n,
                      [req.sampling(n_new, i, state.vocab_size) for i in range(req.n)])
     state.metrics.prompt_tokens.inc(len(ids))
-    rid = new_id("chatcmpl")
     texts = [ChoiceText(tools is not None) for _ in range(req.n)]
     if req.stream:
-        return _sse(_chat_stream(state, gen, request, rid, texts, len(ids), req.include_usage, start, req.logprobs))
+        return _sse(_chat_stream(state, gen, request, rid, texts, len(ids), req.include_usage, start, req.logprobs,
+                                 state.gates(messages, req.n)))
     await _collect(gen, request, texts)
     choices = []
     for i, t in enumerate(texts):
+        flagged = await state.check_output(messages, t.text)
+        if flagged is not None and flagged.blocked:
+            choices.append(blocked_chat_choice(i, flagged, state.shield.refusal))
+            continue
         message, finish = t.message()
         choices.append({"index": i, "message": message, "finish_reason": finish,
                         "logprobs": chat_logprobs(t.logprobs, state.llm.tokenizer) if req.logprobs else None})
@@ -308,23 +344,42 @@ async def chat(req: ChatRequest, request: Request):
                     usage=usage(len(ids), sum(t.tokens for t in texts)))
 
 
+async def _blocked_chat_stream(state: ServerState, rid: str, n: int, verdict, prompt_len: int, include_usage: bool):
+    for i in range(n):
+        yield envelope("chat.completion.chunk", rid, state.model_name, [
+            {"index": i, "delta": {"role": "assistant", "content": "", "refusal": state.shield.refusal},
+             "finish_reason": "content_filter", "logprobs": None, "moderation": verdict.field()}])
+    if include_usage:
+        yield envelope("chat.completion.chunk", rid, state.model_name, [], usage=usage(prompt_len, 0))
+
+
 async def _chat_stream(state: ServerState, gen: Generation, request: Request, rid: str, texts: list[ChoiceText],
-                       prompt_len: int, include_usage: bool, start: float, logprobs: bool):
-    def chunk(i, delta, finish=None):
+                       prompt_len: int, include_usage: bool, start: float, logprobs: bool,
+                       gates: list[OutputGate | None]):
+    def chunk(i, delta, finish=None, **extra):
         lp = chat_logprobs(texts[i].take_logprobs(), state.llm.tokenizer) if logprobs else None
         return envelope("chat.completion.chunk", rid, state.model_name,
-                        [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}])
+                        [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp, **extra}])
 
     for i in range(len(texts)):
         yield chunk(i, {"role": "assistant", "content": ""})
     async for i, ev in gen.events(request):
-        t = texts[i]
+        t, gate = texts[i], gates[i]
+        if gate is not None and gate.verdict is not None:
+            continue  # flagged: its sequence was stopped and its stream has ended
         delta = t.push(ev)
+        failed = ev.error is not None or ev.finish_reason == "cancelled"
+        if gate is not None and not failed:
+            delta = await gate.release(delta, t.text, ev.n_tokens, ev.finish_reason is not None)
+            if gate.verdict is not None:
+                gen.seqs[i].cancel()
+                yield chunk(i, {"refusal": state.shield.refusal}, "content_filter", moderation=gate.verdict.field())
+                continue
         if delta:
             yield chunk(i, {"content": delta})
         if ev.finish_reason is None:
             continue
-        if ev.error is not None or ev.finish_reason == "cancelled":
+        if failed:
             yield _stream_error(ev)
             continue
         message, finish = t.message()
@@ -353,31 +408,49 @@ async def completions(req: CompletionRequest, request: Request):
         encoded = [llm.encode(p) for p in prompts]
     except (HerdError, ValueError) as e:
         raise RequestError(str(e), "prompt") from None
-    inputs, params, echo, echo_ids = [], [], [], []
-    for p, ids in zip(prompts, encoded):
+    # a prompt is moderated as one user message; choice k*n + j answers prompt k
+    convs = [[{"role": "user", "content": p if isinstance(p, str) else llm.tokenizer.decode(ids)}]
+             for p, ids in zip(prompts, encoded)]
+    flagged = {k * req.n + j: v for k, c in enumerate(convs) if (v := await state.check_input(c)) is not None
+               and v.blocked for j in range(req.n)}
+    inputs, params, echo, echo_ids, index, messages = [], [], [], [], [], []
+    for k, (p, ids) in enumerate(zip(prompts, encoded)):
         n_new = state.budget(req.max_tokens, len(ids))
         for j in range(req.n):
+            if k * req.n + j in flagged:
+                continue
+            index.append(k * req.n + j)
+            messages.append(convs[k])
             inputs.append((ids, None))
             params.append(req.sampling(n_new, j, state.vocab_size))
             echo.append((p if isinstance(p, str) else llm.tokenizer.decode(ids)) if req.echo else "")
             # the echoed tokens: a text prompt's own (its <|begin_of_text|> is herd's, not the text's)
             echo_ids.append(ids[1:] if isinstance(p, str) else ids)
-    gen = Generation(state.scheduler, inputs, params, req.logprobs if req.echo else None)
+    gen = Generation(state.scheduler, inputs, params, req.logprobs if req.echo else None) if inputs else None
     prompt_tokens = sum(len(ids) for ids in encoded)
     state.metrics.prompt_tokens.inc(prompt_tokens)
     rid = new_id("cmpl")
     texts = [ChoiceText(False) for _ in inputs]
+    refusal = state.shield.refusal if state.shield is not None else ""
+    blocked = {i: blocked_completion_choice(i, v, refusal) for i, v in flagged.items()}
     if req.stream:
         return _sse(_completion_stream(state, gen, request, rid, texts, echo, prompt_tokens, req.include_usage,
-                                       start, req.logprobs))
-    await _collect(gen, request, texts)
+                                       start, req.logprobs, index, blocked, [g for m in messages
+                                                                             for g in state.gates(m, 1)]))
+    if gen is not None:
+        await _collect(gen, request, texts)
     for t, ids in zip(texts, echo_ids):  # prompt logprobs first: token 1 of a token-id prompt has none
         if req.echo and req.logprobs is not None:
             t.logprobs[:0] = ids[:len(ids) - len(t.prompt_logprobs)] + t.prompt_logprobs
-    choices = [{"index": i, "text": echo[i] + t.text, "finish_reason": t.finish,
-                "logprobs": _logprobs_of(state, t, req.logprobs)} for i, t in enumerate(texts)]
-    state.done(texts, "/v1/completions", start, gen)
-    return envelope("text_completion", rid, state.model_name, choices,
+    choices = dict(blocked)
+    for i, t in enumerate(texts):
+        v = await state.check_output(messages[i], t.text)
+        choices[index[i]] = (blocked_completion_choice(index[i], v, refusal) if v is not None and v.blocked else
+                             {"index": index[i], "text": echo[i] + t.text, "finish_reason": t.finish,
+                              "logprobs": _logprobs_of(state, t, req.logprobs)})
+    if gen is not None:
+        state.done(texts, "/v1/completions", start, gen)
+    return envelope("text_completion", rid, state.model_name, [choices[i] for i in sorted(choices)],
                     usage=usage(prompt_tokens, sum(t.tokens for t in texts)))
 
 
@@ -390,27 +463,47 @@ def _logprobs_of(state: ServerState, t: ChoiceText, n: int | None) -> dict | Non
     return out
 
 
-async def _completion_stream(state: ServerState, gen: Generation, request: Request, rid: str,
+async def _completion_stream(state: ServerState, gen: Generation | None, request: Request, rid: str,
                              texts: list[ChoiceText], echo: list[str], prompt_tokens: int, include_usage: bool,
-                             start: float, logprobs: int | None):
-    def chunk(i, text, finish=None):
+                             start: float, logprobs: int | None, index: list[int], blocked: dict[int, dict],
+                             gates: list[OutputGate | None]):
+    """``index[i]``: the choice index of generated sequence i; ``blocked``: the choices flagged on input."""
+    def chunk(i, text, finish=None, **extra):
         return envelope("text_completion", rid, state.model_name,
-                        [{"index": i, "text": text, "finish_reason": finish,
-                          "logprobs": _logprobs_of(state, texts[i], logprobs)}])
+                        [{"index": index[i], "text": text, "finish_reason": finish,
+                          "logprobs": _logprobs_of(state, texts[i], logprobs), **extra}])
 
+    for choice in blocked.values():
+        yield envelope("text_completion", rid, state.model_name, [choice])
     for i, prefix in enumerate(echo):
         if prefix:
             yield chunk(i, prefix)
-    async for i, ev in gen.events(request):
+    async for i, ev in (gen.events(request) if gen is not None else _nothing()):
+        gate = gates[i]
+        if gate is not None and gate.verdict is not None:
+            continue
         delta = texts[i].push(ev)
-        if ev.error is not None or ev.finish_reason == "cancelled":
+        failed = ev.error is not None or ev.finish_reason == "cancelled"
+        if gate is not None and not failed:
+            delta = await gate.release(delta, texts[i].text, ev.n_tokens, ev.finish_reason is not None)
+            if gate.verdict is not None:
+                gen.seqs[i].cancel()
+                yield chunk(i, "", "content_filter", moderation=gate.verdict.field())
+                continue
+        if failed:
             yield _stream_error(ev)
         elif delta or ev.finish_reason:
             yield chunk(i, delta, ev.finish_reason)
     if include_usage:
         yield envelope("text_completion", rid, state.model_name, [],
                        usage=usage(prompt_tokens, sum(t.tokens for t in texts)))
-    state.done(texts, "/v1/completions", start, gen)
+    if gen is not None:
+        state.done(texts, "/v1/completions", start, gen)
+
+
+async def _nothing():
+    return
+    yield
 
 
 async def _collect(gen: Generation, request: Request, texts: list[ChoiceText]) -> None:

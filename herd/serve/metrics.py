@@ -29,6 +29,18 @@ class Metrics:
         Gauge("herd_decode_steps", "Decode steps run since start (batched forwards)", registry=r).set_function(
             lambda: scheduler.stats.decode_steps)
         Gauge("herd_max_batch", "Decode batch rows", registry=r).set(scheduler.max_batch)
+        self.guard_verdicts = Counter(
+            "herd_guard_verdicts", "Shield checks by stage, outcome (safe, unsafe, error) and category (one count per "
+            "code of a verdict; 'none' when it has none)", ["stage", "verdict", "category"], registry=r)
+        self.guard_latency = Histogram("herd_guard_latency_seconds", "Time of one shield check", ["stage"],
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+
+    def record_verdict(self, v) -> None:
+        """Count a herd.safety.shield.ShieldVerdict."""
+        outcome = "error" if v.error else "unsafe" if v.blocked else "safe"
+        for category in v.categories or ["none"]:
+            self.guard_verdicts.labels(v.stage, outcome, category).inc()
+        self.guard_latency.labels(v.stage).observe(v.seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
