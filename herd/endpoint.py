@@ -83,6 +83,32 @@ class Endpoint:
         return self.chat(messages, **fields)["choices"][0]["message"].get("content") or ""
 
 
+def openai_messages(messages: list[dict]) -> list[dict]:
+    """herd chat messages as an OpenAI request carries them: image parts (a "path", "url" or "image" of any kind
+    herd.images reads) become ``image_url`` parts, a URL as it is, anything else a PNG data: URL."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = [_openai_part(p) if isinstance(p, dict) and p.get("type") == "image" else p for p in content]
+        out.append({**m, "content": content})
+    return out
+
+
+def _openai_part(part: dict) -> dict:
+    url = part.get("url")
+    if not isinstance(url, str):
+        import base64
+
+        from torchvision.io import encode_png  # torchvision takes ~1 s to import: only when images come
+
+        from herd.images import load_image
+
+        source = part["path"] if "path" in part else part.get("image")
+        url = "data:image/png;base64," + base64.b64encode(encode_png(load_image(source)).numpy().tobytes()).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
 def _error_message(e: urllib.error.HTTPError) -> str:
     try:
         body = json.loads(e.read() or b"{}")

@@ -8,6 +8,7 @@ import math
 import httpx
 import openai
 import pytest
+import torch
 from conftest import FakeEndpoint, live, serving
 
 import herd
@@ -249,3 +250,43 @@ def test_llm_chat_and_herd_chat_with_a_shield(pico):
     text = "".join(out)
     assert f"[input flagged: S1] {shield.refusal}" in text
     assert history == user("To be") + [{"role": "assistant", "content": want["content"]}]
+
+
+def test_a_guard_judges_image_turns_in_process_and_behind_herd_serve(tmp_path):
+    """A dense multimodal guard (Llama Guard 4's layout, tiny, random) with herd-pico's tokenizer: the image's tiles
+    are in its prompt (P(unsafe) = one forward with the pixels), and the same image sent to it behind herd serve
+    (as a data: URL) gives the same verdict."""
+    from conftest import PICO
+    from PIL import Image
+    from test_dense_layout import DENSE
+
+    from herd import checkpoint
+    from herd.model import Transformer
+    from herd.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(PICO / "tokenizer.model")
+    cfg = DENSE.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id,
+                        eos_token_id=(tok.eos_id, tok.eom_id, tok.eot_id),
+                        image_token_id=tok.special_tokens["<|patch|>"],
+                        boi_token_id=tok.special_tokens["<|image_start|>"],
+                        eoi_token_id=tok.special_tokens["<|image_end|>"])
+    torch.manual_seed(0)
+    checkpoint.save(Transformer(cfg), tmp_path / "guard")
+    for f in PICO.glob("tokenizer*"):
+        (tmp_path / "guard" / f.name).write_bytes(f.read_bytes())
+    Image.new("RGB", (80, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(tmp_path / "red.png")},
+                                             {"type": "text", "text": "What is this?"}]}]
+    guard = Guard.load(tmp_path / "guard")
+    ids, pixels = guard.llm.chat_inputs([guard_message(messages)])
+    assert pixels is not None and ids.count(cfg.image_token_id) == pixels.shape[0] * cfg.vision.tokens_per_tile
+    with torch.no_grad():
+        probs = guard.llm.model(torch.tensor([ids]), pixel_values=pixels)[0, -1].float().softmax(-1)
+        text_only = guard.llm.model(torch.tensor([ids]))[0, -1].float().softmax(-1)
+    unsafe = verdict_token_ids(tok)[1]
+    want = guard.moderate(messages)
+    assert want.score == pytest.approx(probs[unsafe].item(), rel=1e-4)
+    assert abs(text_only[unsafe].item() - want.score) > 1e-6 * want.score  # the pixels were seen
+    with live(guard.llm, "guard", max_len=1024) as (url, _):
+        got = EndpointGuard(url + "/v1").moderate(messages)
+    assert got.raw == want.raw and got.safe == want.safe

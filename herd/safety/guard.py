@@ -29,7 +29,7 @@ from threading import Lock
 
 import torch
 
-from herd.endpoint import Endpoint, is_url
+from herd.endpoint import Endpoint, is_url, openai_messages
 from herd.errors import HerdError
 from herd.infer.sampling import SamplingParams
 from herd.safety.llama_guard import Category, Verdict, decide, guard_message, verdict_token_ids
@@ -106,7 +106,7 @@ class EndpointGuard:
                 kwargs["categories"] = (dict(categories) if isinstance(categories, Mapping)
                                         else {c.code: c.name for c in categories})
             fields["chat_template_kwargs"] = kwargs
-        choice = self.endpoint.chat(sent, **fields)["choices"][0]
+        choice = self.endpoint.chat(openai_messages(sent), **fields)["choices"][0]
         return decide(choice["message"].get("content") or "", _endpoint_score(choice.get("logprobs")),
                       self.threshold, excluded)
 
