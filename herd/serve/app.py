@@ -331,8 +331,8 @@ async def chat(req: ChatRequest, request: Request):
                                  state.gates(messages, req.n)))
     await _collect(gen, request, texts)
     choices = []
-    for i, t in enumerate(texts):
-        flagged = await state.check_output(messages, t.text)
+    verdicts = await asyncio.gather(*(state.check_output(messages, t.text) for t in texts))
+    for i, (t, flagged) in enumerate(zip(texts, verdicts)):
         if flagged is not None and flagged.blocked:
             choices.append(blocked_chat_choice(i, flagged, state.shield.refusal))
             continue
@@ -411,8 +411,8 @@ async def completions(req: CompletionRequest, request: Request):
     # a prompt is moderated as one user message; choice k*n + j answers prompt k
     convs = [[{"role": "user", "content": p if isinstance(p, str) else llm.tokenizer.decode(ids)}]
              for p, ids in zip(prompts, encoded)]
-    flagged = {k * req.n + j: v for k, c in enumerate(convs) if (v := await state.check_input(c)) is not None
-               and v.blocked for j in range(req.n)}
+    verdicts = await asyncio.gather(*(state.check_input(c) for c in convs))
+    flagged = {k * req.n + j: v for k, v in enumerate(verdicts) if v is not None and v.blocked for j in range(req.n)}
     inputs, params, echo, echo_ids, index, messages = [], [], [], [], [], []
     for k, (p, ids) in enumerate(zip(prompts, encoded)):
         n_new = state.budget(req.max_tokens, len(ids))
@@ -443,8 +443,8 @@ async def completions(req: CompletionRequest, request: Request):
         if req.echo and req.logprobs is not None:
             t.logprobs[:0] = ids[:len(ids) - len(t.prompt_logprobs)] + t.prompt_logprobs
     choices = dict(blocked)
-    for i, t in enumerate(texts):
-        v = await state.check_output(messages[i], t.text)
+    verdicts = await asyncio.gather(*(state.check_output(m, t.text) for m, t in zip(messages, texts)))
+    for i, (t, v) in enumerate(zip(texts, verdicts)):
         choices[index[i]] = (blocked_completion_choice(index[i], v, refusal) if v is not None and v.blocked else
                              {"index": index[i], "text": echo[i] + t.text, "finish_reason": t.finish,
                               "logprobs": _logprobs_of(state, t, req.logprobs)})
