@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
+from herd.chat_models import EndpointChat, LocalChat
 from herd.endpoint import Endpoint
-from herd.infer.sampling import SamplingParams
+from herd.errors import HerdError
 
 Ask = Callable[[list[str]], list[str]]  # prompts (one user message each) -> replies
 
@@ -32,9 +32,7 @@ def rating(reply: str) -> float | None:
 
 def herd_judge(llm, max_new_tokens: int = 16) -> Ask:
     """A herd model as judge: the rubric as one user message, a greedy reply."""
-    params = SamplingParams(max_new_tokens=max_new_tokens)
-    return lambda prompts: [c.text for c in llm.engine.generate(
-        [llm.chat_ids([{"role": "user", "content": p}]) for p in prompts], params)]
+    return judge(LocalChat(llm, batch_size=32), max_new_tokens)
 
 
 def endpoint_judge(url: str, model: str | None = None, api_key: str | None = None, workers: int = 8,
@@ -43,12 +41,17 @@ def endpoint_judge(url: str, model: str | None = None, api_key: str | None = Non
     at a time."""
     endpoint = Endpoint(url, model, api_key, role="judge")
     endpoint.model  # noqa: B018 - ask /models now, so that a wrong URL fails before any work
+    return judge(EndpointChat(endpoint, workers), max_tokens)
+
+
+def judge(model, max_tokens: int = 16) -> Ask:
+    """Any herd.chat_models model as judge; a call that fails raises (a judge must answer every item)."""
 
     def ask(prompts: list[str]) -> list[str]:
-        def one(prompt: str) -> str:
-            return endpoint.reply([{"role": "user", "content": prompt}], temperature=0.0, max_tokens=max_tokens)
-
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(one, prompts))
+        replies = model.replies([[{"role": "user", "content": p}] for p in prompts], max_tokens=max_tokens)
+        failed = next((r.error for r in replies if r.error is not None), None)
+        if failed is not None:
+            raise HerdError(failed)
+        return [r.text for r in replies]
 
     return ask
