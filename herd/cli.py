@@ -650,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--beta", type=float, help="DPO's beta: how far the model may move from the reference (0.1)")
     s.set_defaults(func=cmd_dpo, overrides=[])
 
-    s = sub.add_parser("eval", help="evaluations (niah: needle in a haystack; tasks: pass@k on verifiable tasks)")
+    s = sub.add_parser("eval", help="evaluations (niah: needle in a haystack; tasks: pass@k on verifiable tasks; bias; "
+                                     "cyberseceval)")
     evals = s.add_subparsers(dest="eval", required=True)
     s = evals.add_parser("niah", help="needle-in-a-haystack retrieval over context lengths x needle depths",
                          epilog="example: herd eval niah models/herd-pico --lengths 256,512,1K --needles 4")
@@ -692,6 +693,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object (pass@1, pass@k, tasks)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_eval_tasks)
+    _add_module_command(evals, "bias", "herd.eval.bias",
+                        "the seeds' bias figures: refusal rate on debated topics, unequal refusals on paired "
+                        "prompts, strong political lean by a judge, moralising phrases (95%% intervals)",
+                        epilog="example: herd eval bias --model http://localhost:8000/v1 --judge models/judge "
+                               "--baseline http://localhost:8001/v1 --json")
 
     s = sub.add_parser("rl", help="online RL (GRPO family) on verifiable tasks, with continuous difficulty "
                        "filtering; --section.key VALUE overrides the recipe",
@@ -785,6 +791,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_module_command(subparsers, name: str, module: str, help: str, **kw) -> None:
+    """A command whose arguments and body live in ``module`` (``add_arguments(parser)``, ``main(args)``)."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    s = subparsers.add_parser(name, help=help, **kw)
+    mod.add_arguments(s)
+    s.set_defaults(func=mod.main)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -794,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra  # --section.key VALUE pairs for the recipe
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args.func(args)
+        rc = args.func(args)
     except HerdError as e:
         print(f"herd: error: {e}", file=sys.stderr)
         return 2
@@ -803,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":
