@@ -693,11 +693,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object (pass@1, pass@k, tasks)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_eval_tasks)
+    _add_module_command(evals, "cyberseceval", "herd.eval.cyberseceval.cli",
+                        "CyberSecEval on the official JSON files (mitre-frr, prompt-injection, instruct, "
+                        "autocomplete, interpreter, mitre), read from --data; output and stat files in its shapes",
+                        epilog="example: herd eval cyberseceval prompt-injection --data PurpleLlama/"
+                               "CybersecurityBenchmarks/datasets --model http://localhost:8000/v1 --judge J --json")
     _add_module_command(evals, "bias", "herd.eval.bias",
                         "the seeds' bias figures: refusal rate on debated topics, unequal refusals on paired "
                         "prompts, strong political lean by a judge, moralising phrases (95%% intervals)",
                         epilog="example: herd eval bias --model http://localhost:8000/v1 --judge models/judge "
                                "--baseline http://localhost:8001/v1 --json")
+
+    s = sub.add_parser("redteam", help="automated red teaming (goat: GOAT, the attacker LLM of the seeds)")
+    attacks = s.add_subparsers(dest="redteam", required=True)
+    _add_module_command(attacks, "goat", "herd.safety.goat",
+                        "GOAT: an attacker model plays a multi-turn adversary against a target (any herd model or "
+                        "OpenAI-compatible URL, optionally behind shields); a judge scores each turn; ASR@1, ASR@k",
+                        epilog="example: herd redteam goat --attacker models/attacker --target http://localhost:8000"
+                               "/v1 --judge models/judge --goals goals.jsonl --turns 5 --attempts 4 --out runs/goat")
 
     s = sub.add_parser("rl", help="online RL (GRPO family) on verifiable tasks, with continuous difficulty "
                        "filtering; --section.key VALUE overrides the recipe",
@@ -796,7 +809,7 @@ def _add_module_command(subparsers, name: str, module: str, help: str, **kw) -> 
     import importlib
 
     mod = importlib.import_module(module)
-    s = subparsers.add_parser(name, help=help, **kw)
+    s = subparsers.add_parser(name, help=help, description=getattr(mod, "DESCRIPTION", None), **kw)
     mod.add_arguments(s)
     s.set_defaults(func=mod.main)
 
