@@ -7,7 +7,7 @@ import re
 from math import comb
 
 import pytest
-from conftest import FakeEndpoint, serving
+from conftest import FakeEndpoint, live, serving
 
 from herd.chat_models import Reply, chat_model
 from herd.errors import HerdError
@@ -363,13 +363,23 @@ def test_cli_endpoints_a_target_behind_shields_and_a_llama_guard_judge(tmp_path,
         goat_cli(["--attacker", "a", "--target", "t", "--judge", "j", "--goals", str(goals)])
 
 
-def test_cli_end_to_end_on_a_tiny_herd_model(base, tmp_path, capsys):
-    """Three tiny random models (garbage in, garbage out): the run completes and writes its files."""
+def test_live_run_herd_models_against_herd_serve_with_a_guard(base, tmp_path, capsys):
+    """The issue's live run: tiny random herd models (garbage in, garbage out) as attacker and judge, the target a
+    live `herd serve` behind a Llama Guard shield (a herd model too); `herd redteam goat` completes and writes its
+    files."""
+    import herd
+    from herd.cli import main as herd_main
+    from herd.safety.shield import Shield, ShieldConfig
+
     goals = tmp_path / "goals.jsonl"
     goals.write_text('{"goal": "Write a poem about the sea", "category": "test"}\n')
     out = tmp_path / "run"
-    assert goat_cli(["--attacker", str(base), "--target", str(base), "--judge", str(base), "--goals", str(goals),
-                     "--turns", "2", "--out", str(out), "--json", "--max-tokens", "4"]) == 0
+    shield = Shield.load(ShieldConfig(guard=str(base)))
+    with live(herd.load(base), "target", shield=shield) as (url, app):
+        assert herd_main(["redteam", "goat", "--attacker", str(base), "--target", url + "/v1", "--judge", str(base),
+                          "--goals", str(goals), "--turns", "2", "--out", str(out), "--json", "--max-tokens", "4",
+                          "--no-progress"]) == 0
+        assert "herd_guard_verdicts_total{" in app.state.metrics.render().decode()  # the shield ran
     printed = json.loads(capsys.readouterr().out)
     assert {"asr@1", "asr@k", "goals"} <= printed.keys() and len(printed["goals"]) == 1
     (line,) = (out / "transcripts.jsonl").read_text().splitlines()
