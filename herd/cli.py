@@ -704,6 +704,12 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="example: herd eval bias --model http://localhost:8000/v1 --judge models/judge "
                                "--baseline http://localhost:8001/v1 --json")
 
+    _add_module_command(sub, "distill-cache", "herd.train.distill_cache",
+                        "write a teacher's top-k log-probs per token of a data directory (memory-mapped, aligned "
+                        "with the token shards), so a student distils with no teacher in memory",
+                        epilog="example: herd distill-cache runs/teacher data/pico --top-k 32 --seq-len 256 "
+                               "--out runs/teacher-cache --measure models/herd-pico")
+
     s = sub.add_parser("redteam", help="automated red teaming (goat: GOAT, the attacker LLM of the seeds)")
     attacks = s.add_subparsers(dest="redteam", required=True)
     _add_module_command(attacks, "goat", "herd.safety.goat",
