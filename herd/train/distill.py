@@ -374,7 +374,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _describe(x: Any, role: str) -> tuple[str, str, int | None, int | None]:
+def describe_side(x: Any, role: str) -> tuple[str, str, int | None, int | None]:
     """(label, tokenizer fingerprint, tokenizer ids, model vocabulary size or None) of a student/teacher given as a
     model directory, a herd Tokenizer, a (Tokenizer, vocab_size) pair or an object with .tokenizer and .model
     (herd.api.LLM)."""
@@ -407,8 +407,8 @@ def check_compatible(student: Any, teacher: Any) -> str:
     """Refuse a teacher whose tokenizer or model vocabulary differs from the student's (the error names both);
     return the shared tokenizer fingerprint. Each side: a model directory (its tokenizer and config.json's
     vocab_size), a herd Tokenizer, a (Tokenizer, vocab_size) pair, or a herd LLM."""
-    s_label, s_fp, s_ids, s_vocab = _describe(student, "student")
-    t_label, t_fp, t_ids, t_vocab = _describe(teacher, "teacher")
+    s_label, s_fp, s_ids, s_vocab = describe_side(student, "student")
+    t_label, t_fp, t_ids, t_vocab = describe_side(teacher, "teacher")
     if s_fp != t_fp:
         raise ConfigError(f"the tokenizers differ: {s_label} (tokenizer {s_fp}, {s_ids} ids) vs {t_label} "
                           f"(tokenizer {t_fp}, {t_ids} ids); distillation compares probabilities id by id, so the "

@@ -344,9 +344,9 @@ class TeacherCache:
     def check_student(self, student: Any) -> None:
         """Refuse a student whose tokenizer or vocabulary is not the teacher's (as distill.check_compatible; the
         student: a model directory, a Tokenizer, (Tokenizer, vocab_size) or a herd LLM)."""
-        from herd.train.distill import _describe
+        from herd.train.distill import describe_side
 
-        label, fp, n_ids, vocab = _describe(student, "student")
+        label, fp, n_ids, vocab = describe_side(student, "student")
         if fp != self.tokenizer:
             raise ConfigError(f"the tokenizers differ: {label} (tokenizer {fp}, {n_ids} ids) vs the teacher "
                               f"{self.manifest['teacher']} of the cache {self.path} (tokenizer {self.tokenizer})")
