@@ -20,6 +20,7 @@ from typing import Any
 
 from herd.config import ModelConfig
 from herd.errors import ConfigError
+from herd.train.distill import DistillSpec
 from herd.train.metap import MetaPSpec
 
 if sys.version_info >= (3, 11):
@@ -54,6 +55,7 @@ class SourceSpec:
     text_key: str = "text"
     images_key: str | None = None  # JSONL image+text samples: this field lists image paths (herd.train.image_text)
     min_tokens: int = 0  # leave out documents shorter than this (long-context mid-training: long documents only)
+    teacher_cache: str | None = None  # distillation from a cache: herd distill-cache's directory for these shards
 
 
 @dataclass
@@ -100,6 +102,16 @@ class TrainSpec:
     tensorboard: bool = True
 
 
+@dataclass(frozen=True)
+class DistillRecipe(DistillSpec):
+    """``[distill]``: the loss (herd.train.distill.DistillSpec's keys: divergence, temperature, weight, alpha...)
+    and the online teacher. Off unless ``teacher`` is given or a data source has a ``teacher_cache``."""
+
+    teacher: str | None = None  # a model directory, or a run directory (its newest checkpoint: herd.train.teacher)
+    teacher_dtype: str = "bf16"
+    reload_every: int = 0  # codistillation: look for the teacher run's newest checkpoint every N steps (0: never)
+
+
 @dataclass
 class RunConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -108,6 +120,7 @@ class RunConfig:
     optim: OptimSpec = field(default_factory=OptimSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     metap: MetaPSpec = field(default_factory=MetaPSpec)
+    distill: DistillRecipe = field(default_factory=DistillRecipe)
     base_dir: str = "."  # where relative paths start (the recipe's folder)
     min_steps: typing.ClassVar[int] = 1  # a subclass may take 0 to mean "decided by the data" (post-training)
 
@@ -118,7 +131,13 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d["model"] = {"preset": self.model.preset, "init_from": self.model.init_from, **self.model.overrides}
         d.pop("base_dir")
+        if not self.distilling:
+            d.pop("distill")
         return _drop_none(d)
+
+    @property
+    def distilling(self) -> bool:
+        return self.distill.teacher is not None or any(s.teacher_cache for s in self.data.sources)
 
     def check(self) -> None:
         if self.optim.schedule not in ("cosine", "wsd", "constant"):
@@ -145,6 +164,10 @@ class RunConfig:
     def check_data(self) -> None:
         if not self.data.sources:
             raise ConfigError("no [[data.sources]]: give at least one source with files or shards")
+        if self.distill.teacher is not None and any(s.teacher_cache for s in self.data.sources):
+            raise ConfigError("distill.teacher and a data source's teacher_cache both given: distil from one")
+        if self.distill.reload_every < 0:
+            raise ConfigError(f"distill.reload_every must be >= 0, got {self.distill.reload_every}")
         for i, s in enumerate(self.data.sources + ([self.data.eval] if self.data.eval else [])):
             if bool(s.files) == bool(s.shards):
                 raise ConfigError(f"data source {i}: give either files or shards")

@@ -50,12 +50,15 @@ from herd.train import run_state
 from herd.train.bpe import read_texts, train_bpe
 from herd.train.config import RunConfig, SourceSpec, to_toml
 from herd.train.data import INDEX_FILE, PackedLoader, TokenShards, tokenize_to_shards
+from herd.train.distill import TeacherTargets, distill_loss
+from herd.train.distill_cache import DistillLoader, TeacherCache
 from herd.train.distributed import init_distributed, rank_rows
 from herd.train.image_text import ImageTextSet, tokenize_image_text
 from herd.train.losses import cross_entropy, expert_load, load_balancing_loss
 from herd.train.metap import init_metap, param_groups
 from herd.train.parallelize import parallelize
 from herd.train.schedule import lr_at
+from herd.train.teacher import Teacher
 
 
 def expand_files(cfg: RunConfig, spec: SourceSpec) -> list[Path]:
@@ -110,6 +113,10 @@ class Trainer:
             else:
                 self.model_cfg = self.model_config()
             self._data()
+        self.teacher = None
+        if cfg.distill.teacher is not None:
+            self.teacher = Teacher(cfg.path(cfg.distill.teacher), (self.tokenizer, self.model_cfg.vocab_size),
+                                   cfg.distill.teacher_dtype, cfg.distill.reload_every)
         torch.manual_seed(t.seed)
         self.model = self._model(ckpt)
         if cfg.metap.enabled and ckpt is None and not cfg.model.init_from:
@@ -125,6 +132,8 @@ class Trainer:
             self.step = int(state["step"])
             self.train_time = float(state.get("train_time_s", 0.0))
             self.tokens_seen = int(state.get("tokens_seen", self.step * self.tokens_per_step))
+            if self.teacher is not None and "teacher" in state:
+                self.teacher.load_state_dict(state["teacher"])
         if self.world.main:
             (self.out / "run.toml").write_text(to_toml(cfg.to_dict()))
         self.aux_coef = self.model.cfg.router_aux_loss_coef if t.aux_loss_coef is None else t.aux_loss_coef
@@ -210,7 +219,12 @@ class Trainer:
 
     def _loader(self, specs: list[SourceSpec], seed: int, name: str) -> PackedLoader:
         sources = [(self._shards(s, f"{name}{i}"), s.weight) for i, s in enumerate(specs)]
-        return PackedLoader(sources, self.cfg.data.seq_len, self.cfg.data.batch_size, seed=seed)
+        if not any(s.teacher_cache for s in specs):
+            return PackedLoader(sources, self.cfg.data.seq_len, self.cfg.data.batch_size, seed=seed)
+        caches = [TeacherCache(self.cfg.path(s.teacher_cache)) if s.teacher_cache else None for s in specs]
+        for cache in filter(None, caches):  # a cache of another tokenizer fails here, before any step
+            cache.check_student((self.tokenizer, self.model_cfg.vocab_size))
+        return DistillLoader(sources, self.cfg.data.seq_len, self.cfg.data.batch_size, seed=seed, caches=caches)
 
     def _init_dir(self) -> Path | None:
         """``[model] init_from`` as a model directory: itself, or a checkpoint's / a run's latest ``model/``."""
@@ -290,8 +304,18 @@ class Trainer:
             logits, router_logits = self.model(batch["tokens"], positions=batch["positions"],
                                                doc_ids=batch["doc_ids"], return_router_logits=True,
                                                pixel_values=batch.get("pixel_values"))
-        loss, parts = cross_entropy(logits, batch["targets"], batch["loss_mask"], self.cfg.train.z_loss,
-                                    n_tokens=n_tokens)
+        teacher = None
+        if self.teacher is not None:
+            teacher = self.teacher.targets(batch)
+        elif "teacher_ids" in batch:
+            teacher = TeacherTargets.from_batch(batch, self.loader.temperature)
+        if teacher is None:
+            loss, parts = cross_entropy(logits, batch["targets"], batch["loss_mask"], self.cfg.train.z_loss,
+                                        n_tokens=n_tokens)
+        else:
+            loss, parts = distill_loss(logits, batch["targets"], batch["loss_mask"], teacher, self.cfg.distill,
+                                       self.step, self.cfg.train.steps, n_tokens=n_tokens,
+                                       z_loss=self.cfg.train.z_loss)
         if router_logits and self.aux_coef:
             aux = load_balancing_loss(router_logits, self.model.cfg.n_experts, self.model.cfg.top_k) / self.world.size
             loss = loss + self.aux_coef * aux
@@ -305,6 +329,8 @@ class Trainer:
         lr = lr_at(self.step, t.steps, self.cfg.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # MetaP's per-group scale
+        if self.teacher is not None:
+            self.teacher.maybe_reload(self.step)
         shares: dict[str, torch.Tensor] = {}
         for micro in range(t.grad_accum):
             if self.world.size > 1:  # FSDP reduces gradients once, after the last micro-batch
@@ -373,6 +399,8 @@ class Trainer:
     def save(self, metrics: dict[str, Any] | None = None) -> Path:
         state = {"loader": self.loader.state_dict(), "config": self.cfg.to_dict(), "metrics": metrics or {},
                  "train_time_s": self.train_time, "tokens_seen": self.tokens_seen}
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
         return run_state.save(self.ckpt_root, self.step, self.model, self.optimizer, state,
                               tokenizer_dir=self.tokenizer_dir, keep=self.cfg.train.keep_checkpoints,
                               world=self.world, plain=self._plain_state, files=self._checkpoint_files())
