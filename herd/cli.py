@@ -710,6 +710,11 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="example: herd distill-cache runs/teacher data/pico --top-k 32 --seq-len 256 "
                                "--out runs/teacher-cache --measure models/herd-pico")
 
+    _add_module_command(sub, "distill-data", "herd.post.seq_distill",
+                        "sequence-level distillation: a teacher answers prompts, written as chats for herd sft",
+                        epilog="example: herd distill-data runs/teacher prompts.jsonl --out runs/teacher-data; "
+                               "herd sft models/herd-pico runs/teacher-data/chats.jsonl --out runs/student")
+
     s = sub.add_parser("redteam", help="automated red teaming (goat: GOAT, the attacker LLM of the seeds)")
     attacks = s.add_subparsers(dest="redteam", required=True)
     _add_module_command(attacks, "goat", "herd.safety.goat",
