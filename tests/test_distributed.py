@@ -79,10 +79,14 @@ def test_fsdp2_two_ranks_equal_one_process(tmp_path):
     single = _model()
     expected = _train(single)
     assert got["losses"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    # Adam divides by sqrt(v): a near-zero gradient summed in another order can move its weight by ~1e-5 of a
-    # 1e-2 step, so weights are compared at 1e-4 (three steps of lr 1e-2 move them by up to 3e-2)
+    # Adam divides by sqrt(v): where a gradient is near zero, summing it in another order (two ranks' halves vs
+    # one sum) changes its normalised update by up to a few percent of a 1e-2 step (seen: 1.07e-4 on one weight
+    # of 8192, on one machine). So nearly every weight must agree to 1e-5, and every weight to 5e-4 (three steps
+    # of lr 1e-2 move them by up to 3e-2).
     for n, p in single.named_parameters():
-        torch.testing.assert_close(got["params"][n], p.detach(), atol=1e-4, rtol=1e-4)
+        mine, theirs = got["params"][n], p.detach()
+        assert torch.isclose(mine, theirs, atol=1e-5, rtol=1e-4).float().mean() >= 0.999, n
+        torch.testing.assert_close(mine, theirs, atol=5e-4, rtol=1e-4)
 
 
 def test_rank_rows_splits_evenly():
