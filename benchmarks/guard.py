@@ -67,7 +67,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import append_results  # noqa: E402
+from report import append_results, section_command  # noqa: E402
 from sft import Contention, load_average, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -417,14 +417,7 @@ def render(a, results: dict, guard_dir: str, stand_in: bool, load0: float, load1
            busy: bool, problems: list[str]) -> str:
     from herd.tokenizer import Tokenizer
 
-    argv, kept = list(a.argv), []
-    while argv:  # the command that makes this section: --write, without the side outputs
-        x = argv.pop(0)
-        if x in ("--out", "--json"):
-            argv = argv[1:]
-        elif x != "--write" and not x.startswith(("--out=", "--json=")):
-            kept.append(x)
-    cmd = " ".join(["python benchmarks/guard.py", *kept, "--write"])
+    cmd = section_command("guard.py", a.argv)
     gname = Path(guard_dir).name
     if stand_in:
         cap = stand_in_tokens(Tokenizer.for_model(PICO))

@@ -25,3 +25,17 @@ def append_results(section: str) -> None:
     sep = "" if text.endswith("\n\n") else "\n" if text.endswith("\n") else "\n\n"
     with RESULTS.open("a") as f:
         f.write(sep + section.rstrip("\n") + "\n")
+
+
+def section_command(script: str, argv: list[str]) -> str:
+    """The command line that makes a RESULTS.md section: the run's own arguments plus --write, without the side
+    outputs (--out, --json and their values)."""
+    argv, kept = list(argv), []
+    while argv:
+        x = argv.pop(0)
+        if x in ("--out", "--json"):
+            argv = argv[1:]
+        elif x != "--write" and not x.startswith(("--out=", "--json=")):
+            kept.append(x)
+    return " ".join([f"python benchmarks/{script}", *kept, "--write"])
+

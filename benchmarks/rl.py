@@ -70,7 +70,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import append_results  # noqa: E402
+from report import append_results, section_command  # noqa: E402
 from sft import (  # noqa: E402
     Contention,
     _param_counts,
@@ -499,14 +499,7 @@ def render(a, rows, model_dir: Path, load0: float, others: float, busy: bool, pr
     from herd.config import load_config
 
     cfg = load_config(model_dir)
-    argv, kept = list(a.argv), []
-    while argv:  # the command that makes this section: --write, without the side outputs
-        x = argv.pop(0)
-        if x in ("--out", "--json"):
-            argv = argv[1:]
-        elif x != "--write" and not x.startswith(("--out=", "--json=")):
-            kept.append(x)
-    cmd = " ".join(["python benchmarks/rl.py", *kept, "--write"])
+    cmd = section_command("rl.py", a.argv)
     total = sum(_param_counts(model_dir).values())
     lag = (f"; herd-async: --rl.lag {a.lag}, the next {a.lag} step(s)' batches sampled on a background thread "
            f"with weights {a.lag} step(s) old while a step trains on the same cores (its rollout and train tok/s are "

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import append_results, describe  # noqa: E402
+from report import append_results, describe, section_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PICO = ROOT / "models" / "herd-pico"
@@ -455,14 +455,7 @@ def render(a, rows, model_dir: Path, load0: float, others: float, busy: bool, pr
     cfg = load_config(model_dir)
     total = sum(_param_counts(model_dir).values())
     dtypes = sorted({d for _, d in rows}, key=a.dtype.split(",").index)
-    argv, kept = list(a.argv), []
-    while argv:  # the command that makes this section: --write, without the side outputs
-        x = argv.pop(0)
-        if x in ("--out", "--json"):
-            argv = argv[1:]
-        elif x != "--write" and not x.startswith(("--out=", "--json=")):
-            kept.append(x)
-    cmd = " ".join(["python benchmarks/sft.py", *kept, "--write"])
+    cmd = section_command("sft.py", a.argv)
     lines = [f"### SFT throughput, herd vs TRL (batch {a.batch_size} x {a.seq_len}, full and LoRA) — {date.today()} — "
              f"{machine()}", "", f"Command: `{cmd}`", "",
              f"{versions()}. Model: {cfg.n_layers} layers, width {cfg.dim}, {cfg.n_heads}/{cfg.n_kv_heads} heads of "
