@@ -58,7 +58,7 @@ clean:
 # dense as Llama Guard 4 was pruned from Scout (herd.post.prune), then fine-tuned with herd sft on Llama Guard 4
 # prompts built from the labelled items shipped in herd/safety/data (herd.safety.guard_data: category dropout and
 # relabelling); <= 20 min of training on 2 CPU cores. The last step prints the numbers of the model card.
-GUARD_COPIES := 16
+GUARD_COPIES := 27
 
 .PHONY: guard-pico
 guard-pico: $(VENV)/.installed-train
