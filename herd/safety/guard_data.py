@@ -23,7 +23,7 @@ has to read the category list rather than memorise codes, records are augmented:
 
 The rest keep the default S1-S13 prompt.
 
-    python -m herd.safety.guard_data --out data/guard-pico.jsonl [--copies 40] [--seed 0] [--split train]
+    python -m herd.safety.guard_data --out data/guard-pico.jsonl [--copies 27] [--seed 0] [--split train]
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-out", help="also write the held-out split, default prompts only, here")
     ap.add_argument("--data", default=str(DATA), help="the labelled items (default: the shipped set)")
     ap.add_argument("--split", default="train", choices=SPLITS)
-    ap.add_argument("--copies", type=int, default=40, help="records per item, each with its own random variant")
+    ap.add_argument("--copies", type=int, default=27, help="records per item, each with its own random variant")
     ap.add_argument("--p-dropout", type=float, default=0.35)
     ap.add_argument("--p-relabel", type=float, default=0.35)
     ap.add_argument("--seed", type=int, default=0)
