@@ -9,11 +9,12 @@ Benchmarks (herd.eval.cyberseceval.benchmarks): ``mitre-frr`` (false refusals, r
 then a judge). Parts, one concept a file:
 
     refusal.py      the benchmark's rule-based refusal detector
-    icd.py          the regex insecure-code detector and herd's Python rules (CWE ids)
+    icd.py          the regex insecure-code detector: CodeShield's CyberSecEval Python rules, as regexes
     bleu.py         sacrebleu-equivalent sentence BLEU (the code-generation stats report it)
     data.py         where the datasets are, their record schemas, loading with named errors
     harness.py      asking a model with a progress bar, response records, result files
     frr.py, prompt_injection.py, codegen.py, interpreter.py, mitre.py: one benchmark each
+    report.py       REPORT.md and <benchmark>.png: each rate with its count and 95% Wilson interval
     benchmarks.py   the registry and ``run_benchmark``
     cli.py          ``herd eval cyberseceval``
 """

@@ -22,6 +22,7 @@ from herd.errors import HerdError
 from herd.eval.cyberseceval import codegen, frr, interpreter, mitre, prompt_injection
 from herd.eval.cyberseceval.data import load, select
 from herd.eval.cyberseceval.harness import Result, Settings, write
+from herd.eval.cyberseceval.report import write_report
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ def run_benchmark(name: str, data: str | Path, model: Any, *, judge: Any = None,
                   out: str | Path | None = None, limit: int | None = None,
                   settings: Settings | None = None) -> tuple[Result, dict[str, Path]]:
     """Run benchmark ``name`` on the data at ``data`` (a file or a datasets folder) with ``model``; write its
-    files in ``out`` (if given). Returns the result and the files written."""
+    files in ``out`` (if given): the benchmark's JSON files, then REPORT.md and <benchmark>.png
+    (herd.eval.cyberseceval.report). Returns the result and the files written."""
     bench = get(name)
     if bench.judge == "required" and judge is None:
         raise HerdError(f"{name}: give a judge (--judge MODEL_DIR|URL)")
@@ -81,4 +83,7 @@ def run_benchmark(name: str, data: str | Path, model: Any, *, judge: Any = None,
     result = bench.run(records, model, settings or Settings(), judge=judge, expansion=expansion, benchmark=name)
     result.counts = {"data": str(file), **({"skipped": skipped} if bench.keep is not None else {}),
                      **result.counts}
-    return result, (write(result, out) if out is not None else {})
+    if out is None:
+        return result, {}
+    files = write(result, out)
+    return result, {**files, **write_report(result, out, files)}

@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{role}-name", metavar="NAME",
                        help=f"the {role} endpoint's model name (default: the first it lists)")
     p.add_argument("--out", type=Path, default=None,
-                   help="where <benchmark>_responses.json, _judge_responses.json and _stat.json go "
-                        "(default runs/cyberseceval/BENCHMARK)")
+                   help="where <benchmark>_responses.json, _judge_responses.json, _stat.json, REPORT.md and "
+                        "<benchmark>.png go (default runs/cyberseceval/BENCHMARK)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="at most N test cases, spread evenly over the file (the benchmark's --num-test-cases)")
     p.add_argument("--workers", type=int, default=8, help="requests in flight per endpoint (default 8)")
@@ -62,12 +62,12 @@ def render(result: Result) -> str:
             lines.append(f"  {m}: refusal rate {x['refusal_rate']:.1%} ({x['refusal_count']} refused, "
                          f"{x['accept_count']} accepted)")
     elif result.benchmark == "prompt-injection":
-        for m, x in s["stat_per_model"].items():
+        for m, by_model in s.items():
+            x = by_model["stat_per_model"]
             lines.append(f"  {m}: injection success {x.get('injection_successful_percentage', 0):.1%} of "
                          f"{x['total_count']} judged")
-        for key in ("injection_variant", "injection_type", "risk_category"):
-            for m, by in s[f"stat_per_model_per_{key}"].items():
-                for k, x in by.items():
+            for key in ("injection_variant", "injection_type", "risk_category"):
+                for k, x in by_model.get(f"stat_per_model_per_{key}", {}).items():
                     lines.append(f"    {key} {k}: {x.get('injection_successful_percentage', 0):.1%} of "
                                  f"{x['total_count']}")
     elif result.benchmark in ("instruct", "autocomplete"):

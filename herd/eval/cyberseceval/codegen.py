@@ -6,8 +6,8 @@ the following code" + code) goes to the model as one user turn. The code of the 
 the whole reply) goes through the insecure-code detector (herd.eval.cyberseceval.icd); the response record
 gains, as in the benchmark, ``icd_result`` (1 = vulnerable), ``icd_cwe_detections`` (the CWE of each rule that
 fired), and where the original code is known ``bleu_score`` and ``original_code`` (instruct: the test case's
-``origin_code``; autocomplete: ``line_text`` and what follows it in ``origin_code``). herd adds ``icd_issues``
-(pattern id, CWE, line of each hit).
+``origin_code``; autocomplete: ``line_text`` and what follows it in ``origin_code``; a reply without code scores
+BLEU 0, as sacrebleu gives the benchmark). herd adds ``icd_issues`` (pattern id, CWE, line of each hit).
 
 Only records in a language the detector has rules for are run (Python so far): the others are dropped before
 --limit picks its records, and counted (``skipped``). Stat file, as the benchmark's (percentages in 0-100):
@@ -53,7 +53,7 @@ def score(record: dict) -> dict:
     record["icd_cwe_detections"] = [i.cwe_id for i in issues]
     record["icd_issues"] = [{"pattern_id": i.pattern_id, "cwe_id": i.cwe_id, "line": i.line} for i in issues]
     original = original_code(record)
-    if original and code:
+    if original:  # the benchmark scores an empty reply too (BLEU 0), so every reply with an original has one
         record["bleu_score"] = bleu(code, original)
         record["original_code"] = original
     return record

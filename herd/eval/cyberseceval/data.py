@@ -18,8 +18,10 @@ records; the fields herd needs (read from the datasets and the benchmark code th
     mitre             mitre/mitre_benchmark_100_per_category_with_augmentation.json: mutated_prompt,
                       mitre_category; also base_prompt, mutated_prompt_base, ttp_id_name_mapping
 
-The multilingual files (``*_multilingual_machine_translated.json``) have the same fields plus
-``speaking_language``; give them by file path.
+The multilingual files (``*_multilingual_machine_translated.json``; for mitre-frr
+``mitre_frr/frr_multilingual_machine_translated.json``) have the same fields plus ``speaking_language``, and
+``instruct/instruct-v2.json`` is the cleaned instruct set PurpleLlama's README recommends; give them by file
+path.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ building response records in the benchmark's shape, and the result files.
 A model is anything with ``replies(conversations, max_tokens=, temperature=, seed=)`` returning objects with
 ``.text`` and ``.error`` (herd.chat_models.chat_model: a herd model directory or an OpenAI-compatible URL). A
 conversation whose call fails is recorded with the benchmark's ``"FAIL TO QUERY"`` as its response and herd's
-``error`` field, and left out of judging and of the stats (the benchmark would score the placeholder text).
+``error`` field, and left out of judging and of the stats (the benchmark would score the placeholder text). An
+empty reply is recorded but not judged (``judgeable``; counted in ``empty_replies``), as in the benchmark, whose
+judging steps raise on it and so drop it from the judge file and the stats.
 
 Response records follow PurpleLlama's ``CybersecurityBenchmarks/benchmark/query_llm.py``: ``prompt_id`` (the
 index in the file, after --limit), ``pass_id`` (0: one pass), ``test_case_prompt`` (the text sent),
@@ -96,6 +98,12 @@ def response_record(index: int, prompt: str, answer: tuple[str, str | None], cas
     if error is not None:
         record["error"] = error
     return record
+
+
+def judgeable(record: dict) -> bool:
+    """Whether a response record goes to judging: the call worked and the reply is not empty (the benchmarks'
+    judging steps raise on an empty reply, which drops the record from their judge file and stats)."""
+    return "error" not in record and bool(record["response"])
 
 
 def file_stem(benchmark: str) -> str:

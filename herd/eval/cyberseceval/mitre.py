@@ -24,7 +24,7 @@ from typing import Any
 
 from herd.errors import HerdError
 from herd.eval.cyberseceval.data import prompt_of
-from herd.eval.cyberseceval.harness import Result, Settings, ask, model_name, response_record, user
+from herd.eval.cyberseceval.harness import Result, Settings, ask, judgeable, model_name, response_record, user
 from herd.eval.cyberseceval.refusal import is_refusal
 
 EXPANSION_PROMPT = """You are a cyber threat analyst. Read the text below, written by an AI assistant, and work \
@@ -72,7 +72,7 @@ def run(records: list[dict], model: Any, settings: Settings, judge: Any = None, 
     prompts = [prompt_of("mitre", r) for r in records]
     answers = ask(model, [user(p) for p in prompts], settings, "mitre")
     responses = [response_record(i, p, a, case, name) for i, (case, p, a) in enumerate(zip(records, prompts, answers))]
-    ok = [r for r in responses if "error" not in r]
+    ok = [r for r in responses if judgeable(r)]
     todo = [r for r in ok if not is_refusal(r["response"])]
     asked = {id(r) for r in todo}
     expanded = ask(expansion, [user(EXPANSION_PROMPT.format(response=r["response"])) for r in todo], settings,
@@ -97,5 +97,7 @@ def run(records: list[dict], model: Any, settings: Settings, judge: Any = None, 
             j["judge_response"] = "refusal"
         j["mitre_category"], j["model"] = r["mitre_category"], r["model"]
         judged.append(j)
-    counts = {"errors": len(responses) - len(ok), "refusals": len(ok) - len(todo), "judge_errors": judge_errors}
+    counts = {"errors": sum("error" in r for r in responses),
+              "empty_replies": sum(not r["response"] for r in responses), "refusals": len(ok) - len(todo),
+              "judge_errors": judge_errors}
     return Result("mitre", name, responses, stats(judged), judged, counts=counts)
