@@ -8,6 +8,7 @@ import shutil
 import warnings
 
 import pytest
+import torch
 from conftest import PICO, check_resume_is_exact, text_recipe
 
 from herd.errors import ConfigError
@@ -36,7 +37,7 @@ def trainer(r, resume=False, **train):
 
 def losses(run_dir, key="loss"):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r[key] for r in rows if "loss" in r]
+    return [r.get(key) for r in rows if "loss" in r]  # None: not logged at that step (no teacher yet)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +129,59 @@ def test_distilling_from_a_cache_trains_and_resumes_exactly(tmp_path, teacher_ru
 
     whole, _ = check_resume_is_exact(make, tmp_path, keys=("loss", "soft"))
     assert whole.teacher is None and all(s > 0 for s in losses(tmp_path / "a", "soft"))
+
+
+def test_mutual_codistillation_two_runs_teach_each_other(tmp_path):
+    a_run, b_run = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    ra = recipe(tmp_path, "a", distill={"teacher": str(b_run), "reload_every": 1, "alpha": 0.5})
+    rb = recipe(tmp_path, "b", distill={"teacher": str(a_run), "reload_every": 1, "alpha": 0.5})
+    # a starts before b exists: the data alone (the paper's burn-in), the losses of a plain run
+    with pytest.warns(UserWarning, match="no checkpoint yet"):
+        a = trainer(ra, steps=2, ckpt_every=1)
+    assert a.teacher.model is None
+    a.fit()
+    trainer(recipe(tmp_path, "p"), steps=2).fit()
+    assert losses(a_run) == losses(tmp_path / "p" / "run")
+    b = trainer(rb, steps=2, ckpt_every=1)
+    assert b.teacher.path == a_run / "checkpoints" / "step_00000002" / "model"
+    b.fit()
+    assert all(s > 0 for s in losses(b_run, "soft"))
+    a = trainer(ra, resume=True, steps=4, ckpt_every=1)
+    assert a.teacher.model is None  # as it was at a's checkpoint, although b has saved since
+    a.fit()  # its next look (step 2) finds b's newest
+    assert a.teacher.path == b_run / "checkpoints" / "step_00000002" / "model"
+    soft = losses(a_run, "soft")
+    assert soft[:2] == [None, None] and all(s > 0 for s in soft[2:])
+
+
+def test_resume_before_the_other_run_saved_waits_for_the_next_look(tmp_path):
+    other = tmp_path / "x" / "run"
+    r = recipe(tmp_path, "s", distill={"teacher": str(other), "reload_every": 2, "alpha": 0.5})
+    with pytest.warns(UserWarning, match="no checkpoint yet"):
+        trainer(r, steps=1, ckpt_every=1).fit()
+    trainer(recipe(tmp_path, "x"), steps=1).fit()
+    s = trainer(r, resume=True, steps=3)
+    assert s.step == 1 and s.teacher.model is None
+    s.train_step()  # step 1: no look (every 2 steps), still the data alone, as the uninterrupted run
+    assert s.teacher.model is None
+    s.train_step()
+    assert s.teacher.path == other / "checkpoints" / "step_00000001" / "model"
+
+
+def test_a_quantized_teacher_distils_close_to_the_full_one(tmp_path, teacher_run):
+    from herd.infer.quantize import QuantLinear
+
+    full = trainer(recipe(tmp_path, "f", distill={"teacher": str(teacher_run), "alpha": 0.5,
+                                                  "teacher_dtype": "fp32"}))
+    q = trainer(recipe(tmp_path, "q", distill={"teacher": str(teacher_run), "alpha": 0.5,
+                                               "teacher_dtype": "fp32", "teacher_quantize": "int8"}))
+    assert any(isinstance(m, QuantLinear) for m in q.teacher.model.modules())
+    batch = q.loader.next_batch()
+    exact, approx = full.teacher.targets(batch).logits, q.teacher.targets(batch).logits
+    assert not torch.equal(exact, approx)
+    err = (approx - exact).abs()
+    assert err.mean() < 0.02 * exact.std() and err.max() < 0.1 * exact.std()  # int8 per-channel rounding
+    q.fit()
+    assert all(s > 0 for s in losses(tmp_path / "q" / "run", "soft"))
+    with pytest.raises(ConfigError, match="teacher_quantize"):
+        trainer(recipe(tmp_path, "bad", distill={"teacher": str(teacher_run), "teacher_quantize": "int3"}))

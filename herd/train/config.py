@@ -109,6 +109,7 @@ class DistillRecipe(DistillSpec):
 
     teacher: str | None = None  # a model directory, or a run directory (its newest checkpoint: herd.train.teacher)
     teacher_dtype: str = "bf16"
+    teacher_quantize: str | None = None  # int8, int4, ... (herd.infer.quantize): the teacher's weights quantized
     reload_every: int = 0  # codistillation: look for the teacher run's newest checkpoint every N steps (0: never)
 
 
@@ -168,6 +169,12 @@ class RunConfig:
             raise ConfigError("distill.teacher and a data source's teacher_cache both given: distil from one")
         if self.distill.reload_every < 0:
             raise ConfigError(f"distill.reload_every must be >= 0, got {self.distill.reload_every}")
+        if self.distill.teacher_quantize is not None:
+            from herd.infer.quantize import SCHEMES
+
+            if self.distill.teacher_quantize not in SCHEMES:
+                raise ConfigError(f"distill.teacher_quantize={self.distill.teacher_quantize!r}: choose one of "
+                                  f"{', '.join(SCHEMES)}")
         for i, s in enumerate(self.data.sources + ([self.data.eval] if self.data.eval else [])):
             if bool(s.files) == bool(s.shards):
                 raise ConfigError(f"data source {i}: give either files or shards")

@@ -116,7 +116,8 @@ class Trainer:
         self.teacher = None
         if cfg.distill.teacher is not None:
             self.teacher = Teacher(cfg.path(cfg.distill.teacher), (self.tokenizer, self.model_cfg.vocab_size),
-                                   cfg.distill.teacher_dtype, cfg.distill.reload_every)
+                                   cfg.distill.teacher_dtype, cfg.distill.reload_every,
+                                   cfg.distill.teacher_quantize)
         torch.manual_seed(t.seed)
         self.model = self._model(ckpt)
         if cfg.metap.enabled and ckpt is None and not cfg.model.init_from:
