@@ -213,6 +213,36 @@ def test_shapes_pictures_show_the_answer():
     assert task.score(count, f"There are {words[int(count.answer)]} of them.") == 1.0
 
 
+def test_digits_pictures_show_the_answer():
+    task = get_task("digits")
+    items = task.items(24, seed=0)
+    assert {i.meta["question"] for i in items} == {"number", "colour"}
+    for item in items:
+        image, text = item.prompt[0]["content"]
+        image = image["image"]
+        assert image.mode == "RGB" and image.size == (336, 336)
+        pixels = np.asarray(image)
+        ink = (pixels != 255).any(-1)
+        ys, xs = np.nonzero(ink)
+        assert len(ys) > 50  # not blank
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == item.meta["box"]  # the number, whole
+        assert {tuple(int(v) for v in p) for p in pixels[ink]} == {COLOURS[item.meta["colour"]]}  # one flat colour
+        number = item.meta["text"]
+        assert len(number) == item.difficulty and (number == "0" or not number.startswith("0"))
+        if item.meta["question"] == "number":
+            assert item.answer == number and "What number" in text["text"]
+            assert task.score(item, f"The number is {number}.") == 1.0
+            assert task.score(item, str(int(number) + 1)) == 0.0
+        else:
+            assert item.answer == item.meta["colour"] and "colour" in text["text"]
+            other = next(c for c in COLOURS if c != item.answer)
+            assert task.score(item, f"It is {item.answer.upper()}.") == 1.0
+            assert task.score(item, other) == 0.0 and task.score(item, f"{item.answer} or {other}") == 0.0
+    for d in range(1, 5):
+        assert {len(i.meta["text"]) for i in task.items(6, difficulty=d, seed=d)} == {d}
+    assert task.items(4, seed=9) == get_task("digits").items(4, seed=9)
+
+
 def test_shapes_through_a_vision_model():
     llm = _load("tiny-vision")
     item = get_task("shapes").items(1, seed=0)[0]

@@ -17,6 +17,7 @@ JSONL file (herd.post.tasks.jsonl). Built-in tasks:
   play         which play a character is in; difficulty = how minor the character (corpus=DIR)
   instruction  answer a question under difficulty format constraints: capitals, exactly N words, JSON
   shapes       count shapes of a kind, or name the colour of one, in a generated picture; difficulty = shapes / 2
+  digits       read the number written in a generated picture, or name its colour; difficulty = its digits
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from pathlib import Path
 from herd.errors import HerdError
 from herd.post.tasks.arithmetic import Arithmetic
 from herd.post.tasks.base import Item, Task, construct, parse_spec
+from herd.post.tasks.digits import Digits
 from herd.post.tasks.instruction import Instruction
 from herd.post.tasks.jsonl import JsonlTask
 from herd.post.tasks.shakespeare import NextLine, PlayOf, Speaker
 from herd.post.tasks.shapes import Shapes
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (Arithmetic, NextLine, Speaker, PlayOf, Instruction, Shapes)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Arithmetic, NextLine, Speaker, PlayOf, Instruction, Shapes,
+                                                  Digits)}
 
 
 def get_task(spec: str) -> Task:

@@ -25,6 +25,18 @@ COLOURS = {"red": (230, 25, 25), "green": (30, 150, 40), "blue": (30, 70, 230), 
 KINDS = ("circle", "square", "triangle")
 
 
+def place(rng: random.Random, kinds: list[str]) -> list[dict]:
+    """Shapes of ``kinds`` (at most GRID * GRID), each in its own random cell, of random size and colour: the
+    layout ``draw`` takes, shared with the captioned pictures of herd.train.synthetic_images."""
+    cell, shapes = SIZE // GRID, []
+    for kind, c in zip(kinds, rng.sample(range(GRID * GRID), len(kinds))):
+        side = rng.randint(cell * 2 // 5, cell * 4 // 5)
+        x0 = (c % GRID) * cell + rng.randint(2, cell - side - 2)
+        y0 = (c // GRID) * cell + rng.randint(2, cell - side - 2)
+        shapes.append({"kind": kind, "colour": rng.choice(list(COLOURS)), "box": [x0, y0, x0 + side, y0 + side]})
+    return shapes
+
+
 def draw(shapes: list[dict]) -> Image.Image:
     img = Image.new("RGB", (SIZE, SIZE), "white")
     pen = ImageDraw.Draw(img)
@@ -46,7 +58,7 @@ class Shapes(Task):
     levels = range(1, 6)
 
     def make(self, rng: random.Random, difficulty: int) -> Item:
-        n, cell = min(2 * difficulty, GRID * GRID), SIZE // GRID
+        n = min(2 * difficulty, GRID * GRID)
         question = rng.choice(["count", "colour"])
         target = rng.choice(KINDS)
         kinds = [rng.choice(KINDS) for _ in range(n)]
@@ -54,12 +66,7 @@ class Shapes(Task):
             kinds = [target] + [rng.choice([k for k in KINDS if k != target]) for _ in range(n - 1)]
         else:
             target = rng.choice(kinds)
-        shapes = []
-        for kind, c in zip(kinds, rng.sample(range(GRID * GRID), n)):
-            side = rng.randint(cell * 2 // 5, cell * 4 // 5)
-            x0 = (c % GRID) * cell + rng.randint(2, cell - side - 2)
-            y0 = (c // GRID) * cell + rng.randint(2, cell - side - 2)
-            shapes.append({"kind": kind, "colour": rng.choice(list(COLOURS)), "box": [x0, y0, x0 + side, y0 + side]})
+        shapes = place(rng, kinds)
         if question == "count":
             text = f"How many {target}s are in the picture? Answer with a number."
             answer = str(kinds.count(target))
