@@ -1,9 +1,10 @@
 """Distillation study (issue 21): does a student trained from a teacher's soft targets beat one trained on the
 data alone at equal steps, and does the dynamic per-token weight beat the best fixed one? Writes
-docs/distill_study.md's table and docs/distill_study.png from experiments/results/distill.jsonl.
+docs/distill_study.md (its hand-written "## Reading" section is kept) and docs/distill_study.png from
+experiments/results/distill.jsonl.
 
     make pico-data && python experiments/distill.py        # ~100 min on 2 CPU cores
-    python experiments/distill.py --report                # redraw the table and plot from the results file
+    python experiments/distill.py --report                # redraw the page's table and plot from the results
 
 Everything runs through herd's own trainer (``[distill]`` in a recipe, ``teacher_cache`` on a data source), so the
 study exercises what users run. Each finished student run is one line of experiments/results/distill.jsonl
@@ -17,7 +18,9 @@ Setup (the pico corpus: Shakespeare, Hamlet and The Tempest held out; herd-pico'
   tokens (about a quarter of an epoch), lr 3e-3 cosine, fp32; the seed sets both the init and the data order, so
   arms with the same seed are paired;
 - arms: ``hard`` (cross-entropy only), ``fixed-0.5``, ``fixed-1.0``, ``scheduled`` (cosine 1.0 -> 0.0), ``dynamic``
-  (a_t = teacher's probability of the true token), all forward KL at tau = 1 against the finished teacher;
+  (a_t = the teacher's probability of the true token), ``dynamic-entropy`` (a_t = 1 - H(teacher) / log V) and
+  ``dynamic-gap`` (a_t = 1 - exp(-CE_student / CE_teacher)), all forward KL at tau = 1 against the finished
+  teacher (herd/train/distill.py has the formulas);
   ``cache-dynamic`` (the dynamic arm from a top-32 fp16 cache: no teacher in memory); ``codistill-dynamic`` and
   ``codistill-0.5`` (the teacher is still training while the student trains, on the other core, and the student
   moves to its newest checkpoint every 25 steps, as the seeds train Maverick from a Behemoth in training);
@@ -63,6 +66,9 @@ ARMS = {  # name -> ([distill] table or None, teacher: "final" | "cache" | "trai
     "fixed-1.0": ({**LOSS, "weight": "fixed", "alpha": 1.0}, "final"),
     "scheduled": ({**LOSS, "weight": "scheduled", "alpha0": 1.0, "alpha1": 0.0}, "final"),
     "dynamic": ({**LOSS, "weight": "dynamic", "alpha0": 1.0, "alpha1": 1.0, "confidence": "teacher_prob"}, "final"),
+    "dynamic-entropy": ({**LOSS, "weight": "dynamic", "alpha0": 1.0, "alpha1": 1.0, "confidence": "teacher_entropy"},
+                        "final"),
+    "dynamic-gap": ({**LOSS, "weight": "dynamic", "alpha0": 1.0, "alpha1": 1.0, "confidence": "gap"}, "final"),
     "cache-dynamic": ({**LOSS, "weight": "dynamic", "alpha0": 1.0, "alpha1": 1.0, "confidence": "teacher_prob"},
                       "cache"),
     "codistill-dynamic": ({**LOSS, "weight": "dynamic", "alpha0": 1.0, "alpha1": 1.0,
@@ -221,7 +227,9 @@ def run_student(arm: str, seed: int, train: Path, held: Path, teacher: Path | No
     start = time.perf_counter()
     last = trainer.fit()
     wall = time.perf_counter() - start
-    row = {"arm": arm, "seed": seed, "steps": STUDENT_STEPS, "train_wall_s": round(wall, 1),
+    if trainer.step < STUDENT_STEPS:  # stopped by a signal: a rerun trains this arm again
+        raise SystemExit(f"{arm} seed {seed} stopped at step {trainer.step}; not recorded")
+    row = {"arm": arm, "seed": seed, "steps": trainer.step, "train_wall_s": round(wall, 1),
            "train_loss": last.get("loss"), **evaluate(trainer.model, held),
            "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads()}
     if seen:
@@ -262,19 +270,20 @@ def study(threads: int) -> None:
     for seed in todo("hard"):
         run_student("hard", seed, train, held, None, None, threads=1)
     codistill = [(arm, s) for s in SEEDS for arm in ("codistill-dynamic", "codistill-0.5") if s in todo(arm)]
-    if codistill:
-        while teacher_step(WORK / "teacher") < TEACHER_STEPS // 4:
-            if proc is None or proc.poll() is not None:
-                break
+    if codistill and proc is not None:
+        while teacher_step(WORK / "teacher") < TEACHER_STEPS // 4 and proc.poll() is None:
             time.sleep(10)
         for arm, seed in codistill:
+            if proc.poll() is not None:  # a finished teacher would make this the fixed-teacher arm: not run
+                print(f"the teacher has finished: {arm} seed {seed} not run", flush=True)
+                continue
             run_student(arm, seed, train, held, WORK / "teacher", None, threads=1)
     if proc is not None and proc.wait() != 0:
         raise SystemExit(f"the teacher's run failed: see {WORK / 'teacher.log'}")
     teacher = run_state.resolve(WORK / "teacher") / run_state.MODEL_DIR
     run_teacher_eval("teacher", held)
     # 2. the finished teacher: fixed, scheduled and dynamic weights, then the same dynamic arm from a top-k cache
-    for arm in ("fixed-0.5", "fixed-1.0", "scheduled", "dynamic"):
+    for arm in ("fixed-0.5", "fixed-1.0", "scheduled", "dynamic", "dynamic-entropy", "dynamic-gap"):
         for seed in todo(arm):
             run_student(arm, seed, train, held, teacher, None, threads=threads)
     if todo("cache-dynamic"):
@@ -284,77 +293,111 @@ def study(threads: int) -> None:
 
 
 # -- the report ------------------------------------------------------------------------------------------------
-def summarize(rows: list[dict]) -> dict[str, dict]:
-    """Per arm: mean and standard error over seeds of each metric, and the paired difference to ``hard``."""
-    by: dict[str, dict[int, dict]] = {}
-    for r in rows:
-        by.setdefault(r["arm"], {})[r["seed"]] = r
-    out = {}
-    for arm, seeds in by.items():
-        s = {"n": len(seeds)}
-        for key in ("eval_loss", "eval_acc", "eval_ece", "train_wall_s"):
-            xs = [r[key] for r in seeds.values() if key in r]
-            if xs:
-                s[key] = _mean_se(xs)
-                base = by.get("hard", {})
-                diffs = [seeds[k][key] - base[k][key] for k in seeds if k in base and key in base[k]]
-                if arm != "hard" and diffs:
-                    s[key + "_vs_hard"] = _mean_se(diffs)
-        out[arm] = s
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student's t, two-sided 95%, by degrees of freedom
+
+
+def by_arm(rows: list[dict]) -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {}
+    for r in rows:  # a rerun of an arm and seed replaces the earlier line
+        out.setdefault(r["arm"], {})[r["seed"]] = r
     return out
 
 
-def _mean_se(xs: list[float]) -> tuple[float, float]:
+def interval(xs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval (nan for one value)."""
     m = sum(xs) / len(xs)
     if len(xs) < 2:
         return m, float("nan")
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+    se = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+    return m, T95.get(len(xs) - 1, 1.96) * se
+
+
+def paired(arms: dict, a: str, b: str, key: str) -> tuple[float, float, int] | None:
+    """a - b over the seeds both ran (same init and data order): mean, 95% half-width, seeds."""
+    seeds = sorted(set(arms.get(a, {})) & set(arms.get(b, {})))
+    if not seeds:
+        return None
+    return (*interval([arms[a][s][key] - arms[b][s][key] for s in seeds]), len(seeds))
+
+
+def fmt(v, pct: bool = False, signed: bool = False) -> str:
+    """"m ± h" (a fraction as a percentage with ``pct``; a difference with its sign with ``signed``)."""
+    if v is None:
+        return ""
+    sign = "+" if signed else ""
+    f = (lambda x, sg="": f"{100 * x:{sg}.2f}%") if pct else (lambda x, sg="": f"{x:{sg}.3f}")
+    return f(v[0], sign) + ("" if math.isnan(v[1]) else f" ± {f(abs(v[1]))}")
 
 
 def report() -> None:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines()]
-    summary = summarize(rows)
-    order = [a for a in ("teacher", *ARMS) if a in summary]
-
-    def fmt(v, digits=3, pct=False):
-        if v is None:
-            return ""
-        m, se = v
-        f = (lambda x: f"{100 * x:.{digits - 1}f}%") if pct else (lambda x: f"{x:.{digits}f}")
-        return f(m) + ("" if math.isnan(se) else f" ± {f(se)}")
-
-    lines = ["| arm | seeds | held-out loss | vs hard (paired) | top-1 acc | vs hard | ECE | train wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+    arms = by_arm(rows)
+    order = [a for a in ("teacher", *ARMS) if a in arms]
+    lines = ["| arm | seeds | held-out loss | − hard (paired) | top-1 acc | − hard (paired) | ECE | train s (threads) "
+             "| teacher steps read |", "|---|---|---|---|---|---|---|---|---|"]
     for arm in order:
-        s = summary[arm]
-        lines.append(f"| {arm} | {s['n']} | {fmt(s.get('eval_loss'))} | {fmt(s.get('eval_loss_vs_hard'))} | "
-                     f"{fmt(s.get('eval_acc'), pct=True)} | {fmt(s.get('eval_acc_vs_hard'), pct=True)} | "
-                     f"{fmt(s.get('eval_ece'))} | {fmt(s.get('train_wall_s'), 0)} |")
+        seeds = arms[arm]
+        col = lambda k: interval([r[k] for r in seeds.values()])  # noqa: E731
+        walls = sorted({(round(r["train_wall_s"]), r.get("threads")) for r in seeds.values() if "train_wall_s" in r})
+        seen = "; ".join(f"s{s}: {r['teacher_steps_seen'][0][1]}→{r['teacher_steps_seen'][-1][1]}"
+                         for s, r in sorted(seeds.items()) if r.get("teacher_steps_seen"))
+        vs = {k: paired(arms, arm, "hard", k) if arm not in ("hard", "teacher") else None for k in ("eval_loss",
+                                                                                                 "eval_acc")}
+        lines.append(f"| {arm} | {len(seeds)} | {fmt(col('eval_loss'))} | {fmt(vs['eval_loss'], signed=True)} | "
+                     f"{fmt(col('eval_acc'), pct=True)} | {fmt(vs['eval_acc'], pct=True, signed=True)} | "
+                     f"{fmt(col('eval_ece'))} | "
+                     f"{', '.join(f'{w} ({t})' for w, t in walls)} | {seen} |")
+    fixed = [a for a in ("fixed-0.5", "fixed-1.0", "scheduled") if a in arms]
+    best = min(fixed, key=lambda a: interval([r["eval_loss"] for r in arms[a].values()])[0]) if fixed else None
+    comparisons = [("dynamic", best), ("dynamic-entropy", best), ("dynamic-gap", best), ("cache-dynamic", "dynamic"),
+                   ("codistill-dynamic", "codistill-0.5"), ("codistill-0.5", "fixed-0.5"),
+                   ("codistill-dynamic", "dynamic")]
+    lines += ["", "| comparison (paired by seed) | held-out loss | top-1 acc | seeds |", "|---|---|---|---|"]
+    for a, b in comparisons:
+        loss, acc = paired(arms, a, b, "eval_loss"), paired(arms, a, b, "eval_acc")
+        if b and loss:
+            lines.append(f"| {a} − {b} | {fmt(loss, signed=True)} | {fmt(acc, pct=True, signed=True)} | {loss[2]} |")
     table = "\n".join(lines)
-    (RESULTS.parent / "distill_table.md").write_text(table + "\n")
     print(table)
-    plot(summary, order, (ROOT / "docs" if RESULTS.parent.name == "results" else RESULTS.parent) / "distill_study.png")
+    if RESULTS.parent.name != "results":  # --quick
+        plot(arms, order, RESULTS.parent / "distill_study.png")
+        return
+    plot(arms, order, ROOT / "docs" / "distill_study.png")
+    doc = ROOT / "docs" / "distill_study.md"
+    old = doc.read_text() if doc.is_file() else ""
+    reading = old[old.index("## Reading"):] if "## Reading" in old else ""  # the hand-written part stays
+    setup = __doc__.split("Setup ", 1)[1].strip()
+    date = max(r["date"] for r in rows)
+    doc.write_text(f"# Distillation study (issue 21)\n\n`python experiments/distill.py` ({date}; "
+                   f"results in `experiments/results/distill.jsonl`; `--report` redraws this page's table and "
+                   f"figure from them).\n\nSetup {setup}\n\n![held-out loss and accuracy by arm](distill_study.png)"
+                   f"\n\nMeans ± 95% t-intervals over seeds; \"− hard\" is the paired difference to the hard-only "
+                   f"student of the same seed (negative loss, positive accuracy: better).\n\n{table}\n"
+                   + (f"\n{reading}" if reading else ""))
+    print(f"wrote {doc}")
 
 
-def plot(summary: dict, order: list[str], path: Path) -> None:
+def plot(arms: dict, order: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = [a for a in order if a != "teacher"]
+    names = [a for a in order if a != "teacher"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in ((axes[0], "eval_loss", "held-out loss (nats/token)"),
                            (axes[1], "eval_acc", "held-out top-1 accuracy")):
-        ms = [summary[a][key][0] for a in arms]
-        ses = [0 if math.isnan(summary[a][key][1]) else 1.96 * summary[a][key][1] for a in arms]
-        ax.barh(arms, ms, xerr=ses, color=["#888" if a == "hard" else "#4a7" for a in arms], capsize=3)
-        lo, hi = min(m - e for m, e in zip(ms, ses)), max(m + e for m, e in zip(ms, ses))
-        ax.set_xlim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
-        if "teacher" in summary:
-            ax.axvline(summary["teacher"][key][0], color="#a44", ls="--", label="teacher")
+        stats = [interval([r[key] for r in arms[a].values()]) for a in names]
+        ms, hs = [m for m, _ in stats], [0 if math.isnan(h) else h for _, h in stats]
+        ax.barh(names, ms, xerr=hs, color=["#888" if a == "hard" else "#4a7" for a in names], capsize=3)
+        lo, hi = min(m - h for m, h in zip(ms, hs)), max(m + h for m, h in zip(ms, hs))
+        if "teacher" in arms:
+            t = arms["teacher"][0][key]
+            ax.axvline(t, color="#a44", ls="--", label="teacher")
+            lo, hi = min(lo, t), max(hi, t)
             ax.legend(loc="lower right")
-        ax.set_title(title + f" (mean ± 95% over {summary[arms[0]]['n']} seeds)", fontsize=9)
+        ax.set_xlim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+        ax.set_title(title + " (mean ± 95% t-interval over seeds)", fontsize=9)
         ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
