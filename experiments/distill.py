@@ -21,7 +21,8 @@ Setup (the pico corpus: Shakespeare, Hamlet and The Tempest held out; herd-pico'
   (a_t = the teacher's probability of the true token), ``dynamic-entropy`` (a_t = 1 - H(teacher) / log V) and
   ``dynamic-gap`` (a_t = 1 - exp(-CE_student / CE_teacher)), all forward KL at tau = 1 against the finished
   teacher (herd/train/distill.py has the formulas);
-  ``cache-dynamic`` (the dynamic arm from a top-32 fp16 cache: no teacher in memory); ``codistill-dynamic`` and
+  ``cache-dynamic`` and ``cache-1.0`` (the dynamic and fixed-1.0 arms from a top-32 fp16 cache: no teacher in
+  memory); ``codistill-dynamic`` and
   ``codistill-0.5`` (the teacher is still training while the student trains, on the other core, and the student
   moves to its newest checkpoint every 25 steps, as the seeds train Maverick from a Behemoth in training);
 - metrics on 40 fixed held-out batches (40,960 tokens): loss (nats/token), top-1 next-token accuracy and the
@@ -71,6 +72,7 @@ ARMS = {  # name -> ([distill] table or None, teacher: "final" | "cache" | "trai
     "dynamic-gap": ({**LOSS, "weight": "dynamic", "alpha0": 1.0, "alpha1": 1.0, "confidence": "gap"}, "final"),
     "cache-dynamic": ({**LOSS, "weight": "dynamic", "alpha0": 1.0, "alpha1": 1.0, "confidence": "teacher_prob"},
                       "cache"),
+    "cache-1.0": ({**LOSS, "weight": "fixed", "alpha": 1.0}, "cache"),
     "codistill-dynamic": ({**LOSS, "weight": "dynamic", "alpha0": 1.0, "alpha1": 1.0,
                            "confidence": "teacher_prob"}, "training"),
     "codistill-0.5": ({**LOSS, "weight": "fixed", "alpha": 0.5}, "training"),
@@ -253,7 +255,9 @@ def build_cache(train: Path, teacher: Path) -> Path:
     out = WORK / f"cache-k{TOP_K}"
     t = time.perf_counter()
     manifest = write_cache(teacher, train, out, top_k=TOP_K, seq_len=128, batch_size=8, teacher_dtype="fp32")
-    print(f"cache: {time.perf_counter() - t:.0f} s, {manifest.get('tokens', '?')} tokens -> {out}", flush=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"cache: {time.perf_counter() - t:.0f} s, {size / 2**20:.0f} MiB ({manifest['bytes_per_token']} B/token) "
+          f"-> {out}", flush=True)
     return out
 
 
@@ -286,10 +290,11 @@ def study(threads: int) -> None:
     for arm in ("fixed-0.5", "fixed-1.0", "scheduled", "dynamic", "dynamic-entropy", "dynamic-gap"):
         for seed in todo(arm):
             run_student(arm, seed, train, held, teacher, None, threads=threads)
-    if todo("cache-dynamic"):
-        cache = build_cache(train, teacher)
-        for seed in todo("cache-dynamic"):
-            run_student("cache-dynamic", seed, train, held, None, cache, threads=threads)
+    for arm in ("cache-dynamic", "cache-1.0"):
+        if todo(arm):
+            cache = build_cache(train, teacher)  # once: a finished cache is reused
+            for seed in todo(arm):
+                run_student(arm, seed, train, held, None, cache, threads=threads)
 
 
 # -- the report ------------------------------------------------------------------------------------------------
@@ -350,6 +355,7 @@ def report() -> None:
     fixed = [a for a in ("fixed-0.5", "fixed-1.0", "scheduled") if a in arms]
     best = min(fixed, key=lambda a: interval([r["eval_loss"] for r in arms[a].values()])[0]) if fixed else None
     comparisons = [("dynamic", best), ("dynamic-entropy", best), ("dynamic-gap", best), ("cache-dynamic", "dynamic"),
+                   ("cache-1.0", "fixed-1.0"),
                    ("codistill-dynamic", "codistill-0.5"), ("codistill-0.5", "fixed-0.5"),
                    ("codistill-dynamic", "dynamic")]
     lines += ["", "| comparison (paired by seed) | held-out loss | top-1 acc | seeds |", "|---|---|---|---|"]
