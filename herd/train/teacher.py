@@ -31,7 +31,7 @@ import torch
 from herd import checkpoint
 from herd.checkpoint import parse_dtype
 from herd.errors import CheckpointError, ConfigError
-from herd.infer.quantize import check_scheme, quantize
+from herd.infer.quantize import quantize
 from herd.train import run_state
 from herd.train.distill import TeacherTargets, check_compatible, teacher_forward
 
@@ -45,8 +45,6 @@ class Teacher:
         self.dtype, self.quantize = parse_dtype(dtype), quantize
         self.path: Path | None = None
         self.model: torch.nn.Module | None = None
-        if quantize is not None:
-            check_scheme(quantize)
         if reload_every and not (self.source / "config.json").is_file() and not _has_checkpoint(self.source):
             # mutual codistillation: the other run has not saved yet (or not started); until it does, the student
             # learns from the data alone (targets() is None) and looks again every reload_every steps
