@@ -704,6 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="example: herd eval bias --model http://localhost:8000/v1 --judge models/judge "
                                "--baseline http://localhost:8001/v1 --json")
 
+    _add_module_command(sub, "recipe", "herd.recipe",
+                        help="run a pipeline of stages (a TOML recipe): finished stages are skipped, interrupted "
+                             "ones resumed, changed ones refused until --redo")
     _add_module_command(sub, "distill-cache", "herd.train.distill_cache",
                         "write a teacher's top-k log-probs per token of a data directory (memory-mapped, aligned "
                         "with the token shards), so a student distils with no teacher in memory",
