@@ -170,7 +170,8 @@ def status(recipe: Recipe) -> dict[str, str]:
 
 
 def run(recipe: Recipe, redo: tuple[str, ...] = (), only: str | None = None, progress: bool = True) -> dict:
-    """Run what is not done, in order; returns {stage: "skipped" | "ran"}."""
+    """Run what is not done, in order (``only``: that stage alone, once the ones before it are done); returns
+    {stage: "skipped" | "ran"}."""
     from tqdm import tqdm
 
     names = [s.name for s in recipe.stages]
@@ -185,6 +186,10 @@ def run(recipe: Recipe, redo: tuple[str, ...] = (), only: str | None = None, pro
         shutil.rmtree(recipe.out_dir / n, ignore_errors=True)
     state, prints, paths = status(recipe), recipe.fingerprints(), recipe.paths()
     changed = [n for n, s in state.items() if s == "changed"]
+    if only is not None:
+        missing = [n for n in names[:names.index(only)] if state[n] != "done"]
+        if missing:
+            raise ConfigError(f"--only {only}: stage {missing[0]!r} before it is not done")
     if changed:
         raise ConfigError(f"stage {changed[0]!r} finished with other settings (or an earlier stage it reads "
                           f"changed): pass --redo {changed[0]} to run it again")
@@ -234,15 +239,6 @@ def main(args: argparse.Namespace) -> int:
         for st, s in status(recipe).items():
             print(f"{st:24s} {s}")
         return 0
-    if args.only:
-        names = [s.name for s in recipe.stages]
-        if args.only not in names:
-            raise ConfigError(f"no stage {args.only!r} in recipe {recipe.name} (stages: {', '.join(names)})")
-        earlier = names[:names.index(args.only)]
-        state = status(recipe)
-        missing = [n for n in earlier if state[n] != "done"]
-        if missing:
-            raise ConfigError(f"--only {args.only}: stage {missing[0]!r} before it is not done")
     for name, what in run(recipe, tuple(args.redo), args.only, progress=not args.no_progress).items():
         print(f"{name}: {what}")
     return 0

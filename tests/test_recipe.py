@@ -103,3 +103,14 @@ def test_bad_recipes_are_named(tmp_path, stage, message):
         Recipe.load(path)
     with pytest.raises(HerdError):
         Recipe.load(tmp_path / "missing.toml")
+
+
+def test_only_runs_one_stage_once_the_earlier_ones_are_done(tmp_path, monkeypatch):
+    monkeypatch.setitem(KINDS, "command", lambda s, out: None)
+    r = write(tmp_path)
+    with pytest.raises(ConfigError, match="--only listing: stage 'captions' before it is not done"):
+        run(r, only="listing", progress=False)
+    with pytest.raises(ConfigError, match="no stage 'nope'"):
+        run(r, only="nope", progress=False)
+    assert run(r, only="captions", progress=False) == {"captions": "ran", "listing": "skipped", "copy": "skipped"}
+    assert status(r) == {"captions": "done", "listing": "todo", "copy": "todo"}
