@@ -47,15 +47,13 @@ from pathlib import Path
 
 import torch
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from configs import param_counts  # noqa: E402
 from report import append_results, section_command  # noqa: E402
 from sft import Contention, load_average, machine  # noqa: E402
+
+from herd.infer.quantize import model_bytes  # noqa: E402
+from herd.train.config import tomllib  # noqa: E402  (tomli on Python 3.10)
 
 ROOT = Path(__file__).resolve().parents[1]
 PICO = ROOT / "models" / "herd-pico"
@@ -187,8 +185,7 @@ def make_trainer(a, arm: dict, shards: Path, caches: dict, out: Path):
 def run_arm(a, arm: dict, shards: Path, caches: dict, out: Path) -> dict:
     trainer = make_trainer(a, arm, shards, caches, out)
     teacher = trainer.teacher.model if trainer.teacher is not None else None
-    teacher_mb = None if teacher is None else sum(
-        t.numel() * t.element_size() for t in teacher.state_dict().values()) / 2**20
+    teacher_mb = None if teacher is None else model_bytes(teacher) / 2**20
     for _ in range(a.warmup):  # kernels, the optimizer state, the allocator
         trainer.train_step(expert_metrics=False)
     meter = Contention()
